@@ -73,3 +73,50 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def redis_prefix() -> str:
     """A key prefix of its own for each test, so tests never see each other's keys."""
     return f"test-{uuid.uuid4().hex[:12]}"
+
+
+TINY_GRID = (32, 32, 32)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five initial + five refinement members of a narrow UNet on a 32^3 grid, randomly initialised."""
+    import torch
+
+    from service.engine.checkpoints import write_checkpoint
+    from service.engine.networks import INITIAL_CHANNELS, REFINEMENT_CHANNELS, Architecture, build_unet
+
+    torch.manual_seed(0)
+    architecture = Architecture(channels=(4, 8, 16), strides=(1, 2), num_res_units=1)
+    stages = {
+        "initial": [build_unet(INITIAL_CHANNELS, architecture) for _ in range(5)],
+        "refinement": [build_unet(REFINEMENT_CHANNELS, architecture) for _ in range(5)],
+    }
+    directory = tmp_path_factory.mktemp("weights")
+    write_checkpoint(directory, stages, architecture=architecture, grid_shape=TINY_GRID, spacing_mm=1.0,
+                     description="random test weights")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def ct_pet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small CT (HU, 1 x 1 x 2.5 mm, RAS-flipped axes) and PET (SUV, 4 mm, other origin) pair."""
+    import numpy as np
+
+    from service.imaging.nifti import write_nifti
+
+    ct_affine = np.array([[-1.0, 0, 0, 24.0], [0, -1.0, 0, 20.0], [0, 0, 2.5, -25.0], [0, 0, 0, 1]])
+    ijk = np.stack(np.meshgrid(*(np.arange(n) for n in (48, 44, 20)), indexing="ij"), -1)
+    world = ijk @ ct_affine[:3, :3].T + ct_affine[:3, 3]
+    tumour = np.linalg.norm(world - np.array([2.0, -3.0, 1.0]), axis=-1) < 7.0
+    ct = np.where(tumour, 60.0, 40.0).astype(np.int16)
+    pet_affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    pet_affine[:3, 3] = (-30.0, -26.0, -28.0)
+    ijk = np.stack(np.meshgrid(*(np.arange(n) for n in (15, 14, 14)), indexing="ij"), -1)
+    world = ijk @ pet_affine[:3, :3].T + pet_affine[:3, 3]
+    pet = 1.0 + 9.0 * np.exp(-np.sum((world - np.array([2.0, -3.0, 1.0])) ** 2, axis=-1) / (2 * 6.0**2))
+    directory = tmp_path_factory.mktemp("images")
+    paths = {"ct": directory / "case_ct.nii.gz", "pet": directory / "case_pt.nii.gz"}
+    paths["ct"].write_bytes(write_nifti(ct, ct_affine))
+    paths["pet"].write_bytes(write_nifti(pet.astype(np.float32), pet_affine))
+    return paths

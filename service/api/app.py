@@ -1,0 +1,79 @@
+"""The FastAPI application factory.
+
+With ``redis_url`` set the app is a pure API over Redis (engine work goes to
+``icr worker`` processes). Without it, the embedded default: an in-process store and
+one engine worker thread in this process, behind the same interfaces.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import __version__
+from service.api import problems
+from service.api.limits import BodyLimit
+from service.api.routes import health, sessions as session_routes
+from service.api.sessions import Sessions
+from service.engine.ensemble import Engine
+from service.engine.loading import load_engine
+from service.engine.worker import Worker
+from service.settings import Settings
+from service.store.memory_backend import MemoryStore
+from service.store.redis_backend import connect
+
+log = logging.getLogger(__name__)
+
+MULTIPART_OVERHEAD_BYTES = 1 << 20
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """``engine`` is used in the embedded mode; loaded from settings.weights if not given."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        worker_thread: threading.Thread | None = None
+        if settings.redis_url:
+            store = connect(
+                settings.redis_url,
+                session_ttl_s=settings.session_ttl_s,
+                claim_idle_s=settings.claim_idle_s,
+                prefix=settings.redis_prefix,
+            )
+            queue = store
+        else:
+            memory = MemoryStore(session_ttl_s=settings.session_ttl_s)
+            store, queue = memory, memory
+            worker = Worker(engine or load_engine(settings), memory, memory, name="embedded")
+            memory.heartbeat(worker.name, worker.info())
+            worker_thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"poll_s": 0.5},
+                                             name="icr-engine", daemon=True)
+            worker_thread.start()
+        app.state.sessions = Sessions(store, queue, settings)
+        app.state.api_keys = settings.api_key_set()
+        log.info("service ready (%s mode)", "redis" if settings.redis_url else "embedded")
+        try:
+            yield
+        finally:
+            stop.set()
+            if worker_thread is not None:
+                worker_thread.join(timeout=60)
+
+    app = FastAPI(
+        title="2S-ICR interactive GTVt segmentation",
+        version=__version__,
+        description="Upload a co-registered CT+PET pair, get an automatic primary-tumour mask, "
+        "refine it with clicks. Errors are RFC 9457 problem+json.",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    app.include_router(health.router)
+    app.include_router(session_routes.router)
+    max_body = int(2 * settings.max_upload_mb * 2**20) + MULTIPART_OVERHEAD_BYTES
+    app.add_middleware(BodyLimit, max_bytes=max_body)
+    return app

@@ -1,0 +1,160 @@
+"""Checkpoint directories: a manifest plus one plain MONAI UNet state_dict per member.
+
+``manifest.json``::
+
+    {
+      "format": "icr-checkpoint/1",
+      "architecture": {"channels": [...], "strides": [...], "num_res_units": 2},
+      "grid": {"shape": [144, 144, 144], "spacing_mm": 1.0},
+      "click_sigma_voxels": 3.0,
+      "stages": {
+        "initial":    {"in_channels": 2, "members": [{"file": "initial-0.pt", "sha256": "..."}, ...]},
+        "refinement": {"in_channels": 5, "members": [...]}
+      },
+      "description": "free text: data, training command"
+    }
+
+Member files are ``torch.save(unet.state_dict())`` (any float dtype; loaded as
+float32), read with ``weights_only=True``, so a state_dict of the same MONAI UNet
+trained elsewhere loads unchanged. Anything missing, corrupt or mismatched raises
+:class:`CheckpointError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.networks.nets import UNet
+
+from service.engine.clicks import DEFAULT_SIGMA_VOXELS
+from service.engine.networks import INITIAL_CHANNELS, REFINEMENT_CHANNELS, Architecture, build_unet
+
+FORMAT = "icr-checkpoint/1"
+MANIFEST = "manifest.json"
+STAGE_CHANNELS = {"initial": INITIAL_CHANNELS, "refinement": REFINEMENT_CHANNELS}
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint directory cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    architecture: Architecture
+    grid_shape: tuple[int, int, int]
+    spacing_mm: float
+    click_sigma_voxels: float
+    stages: dict[str, list[UNet]]
+    digest: str  # sha256 of the manifest: identifies the weights a worker serves
+    description: str
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checkpoint(
+    directory: Path,
+    stages: dict[str, list[UNet]],
+    *,
+    architecture: Architecture,
+    grid_shape: tuple[int, int, int],
+    spacing_mm: float = 1.0,
+    click_sigma_voxels: float = DEFAULT_SIGMA_VOXELS,
+    description: str = "",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Save ensembles in the service's checkpoint format; returns the manifest path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest_stages: dict[str, Any] = {}
+    for stage, members in stages.items():
+        entries = []
+        for index, net in enumerate(members):
+            path = directory / f"{stage}-{index}.pt"
+            torch.save({k: v.detach().to("cpu", dtype) for k, v in net.state_dict().items()}, path)
+            entries.append({"file": path.name, "sha256": sha256_file(path)})
+        manifest_stages[stage] = {"in_channels": STAGE_CHANNELS[stage], "members": entries}
+    manifest = {
+        "format": FORMAT,
+        "architecture": architecture.to_dict(),
+        "grid": {"shape": list(grid_shape), "spacing_mm": spacing_mm},
+        "click_sigma_voxels": click_sigma_voxels,
+        "stages": manifest_stages,
+        "description": description,
+    }
+    target = directory / MANIFEST
+    target.write_text(json.dumps(manifest, indent=2) + "\n")
+    return target
+
+
+def _read_manifest(directory: Path) -> tuple[dict[str, Any], str]:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"no {MANIFEST} in checkpoint directory {directory}")
+    text = path.read_bytes()
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an {FORMAT} manifest")
+    return manifest, hashlib.sha256(text).hexdigest()
+
+
+def _load_member(directory: Path, stage: str, entry: dict[str, Any], architecture: Architecture) -> UNet:
+    path = directory / str(entry.get("file", ""))
+    if not path.is_file():
+        raise CheckpointError(f"{stage} member file {path} is missing")
+    if sha256_file(path) != entry.get("sha256"):
+        raise CheckpointError(f"{path} does not match its sha256 in the manifest (corrupt or replaced)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{path} is not a readable state_dict: {error}") from error
+    net = build_unet(STAGE_CHANNELS[stage], architecture)
+    try:
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+    except (RuntimeError, AttributeError) as error:
+        raise CheckpointError(f"{path} does not fit the manifest's {stage} architecture: {error}") from error
+    return net.eval()
+
+
+def load_checkpoint(directory: Path | str) -> LoadedCheckpoint:
+    directory = Path(directory)
+    manifest, digest = _read_manifest(directory)
+    try:
+        architecture = Architecture.from_dict(manifest["architecture"])
+        shape = tuple(int(n) for n in manifest["grid"]["shape"])
+        spacing = float(manifest["grid"]["spacing_mm"])
+        sigma = float(manifest.get("click_sigma_voxels", DEFAULT_SIGMA_VOXELS))
+        stage_entries = {stage: manifest["stages"][stage] for stage in STAGE_CHANNELS}
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{directory / MANIFEST} lacks a valid field: {error}") from error
+    if len(shape) != 3 or min(shape) < 1 or spacing <= 0:
+        raise CheckpointError(f"{directory / MANIFEST} has an invalid grid {manifest['grid']}")
+    stages: dict[str, list[UNet]] = {}
+    for stage, entry in stage_entries.items():
+        if entry.get("in_channels") != STAGE_CHANNELS[stage]:
+            raise CheckpointError(f"{stage} stage must take {STAGE_CHANNELS[stage]} input channels")
+        members = entry.get("members") or []
+        if not members:
+            raise CheckpointError(f"{stage} stage lists no members")
+        stages[stage] = [_load_member(directory, stage, m, architecture) for m in members]
+    return LoadedCheckpoint(
+        architecture=architecture,
+        grid_shape=(shape[0], shape[1], shape[2]),
+        spacing_mm=spacing,
+        click_sigma_voxels=sigma,
+        stages=stages,
+        digest=digest,
+        description=str(manifest.get("description", "")),
+    )

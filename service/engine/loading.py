@@ -1,0 +1,27 @@
+"""Turn settings into a ready engine, or fail with a message an operator can act on."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from service.engine.checkpoints import load_checkpoint
+from service.engine.ensemble import Engine, resolve_device
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Load both ensembles onto the configured device (CheckpointError if unusable)."""
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    device = resolve_device(settings.device)
+    checkpoint = load_checkpoint(settings.weights)
+    log.info(
+        "loaded %d initial + %d refinement members from %s onto %s (grid %s)",
+        len(checkpoint.stages["initial"]), len(checkpoint.stages["refinement"]),
+        settings.weights, device, checkpoint.grid_shape,
+    )
+    return Engine(checkpoint, device)

@@ -1,0 +1,237 @@
+"""The network's working grid, and moving images onto and off it by their affines.
+
+Images are always related through world (RAS mm) coordinates, never through array
+shapes or indices: CT and PET arrive with different spacings, orientations and
+fields of view, and the working grid is a third, isotropic, axis-aligned frame.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from service.imaging.volume import ImageError, Volume
+
+CT_FILL_HU = -1024.0  # air outside the CT field of view
+CT_WINDOW_HU = (-200.0, 200.0)  # soft-tissue window the network was trained on
+
+
+@dataclass(frozen=True)
+class WorkingGrid:
+    """The network's grid: isotropic spacing, axis-aligned with world RAS axes, `shape` voxels, voxel (0,0,0) at `origin_mm`."""
+
+    shape: tuple[int, int, int]
+    spacing_mm: float
+    origin_mm: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(n) for n in self.shape)
+        origin = tuple(float(x) for x in self.origin_mm)
+        spacing = float(self.spacing_mm)
+        if len(shape) != 3 or any(n <= 0 for n in shape):
+            raise ValueError(f"grid shape must be three positive sizes, got {self.shape!r}")
+        if not (math.isfinite(spacing) and spacing > 0):
+            raise ValueError(f"grid spacing must be positive, got {self.spacing_mm!r}")
+        if len(origin) != 3 or not all(math.isfinite(x) for x in origin):
+            raise ValueError(f"grid origin must be three finite coordinates, got {self.origin_mm!r}")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "spacing_mm", spacing)
+        object.__setattr__(self, "origin_mm", origin)
+
+    @property
+    def affine(self) -> np.ndarray:
+        """Voxel-to-world 4x4 affine: diag(spacing) plus the origin."""
+        affine = np.diag([self.spacing_mm] * 3 + [1.0])
+        affine[:3, 3] = self.origin_mm
+        return affine
+
+    @classmethod
+    def around(
+        cls, centre_mm: npt.ArrayLike, shape: Sequence[int], spacing_mm: float
+    ) -> WorkingGrid:
+        """A grid whose continuous voxel index (n-1)/2 on each axis lies at ``centre_mm``."""
+        centre = np.asarray(centre_mm, dtype=np.float64).reshape(3)
+        half_extent = spacing_mm * (np.asarray(shape, dtype=np.float64) - 1) / 2
+        origin = centre - half_extent
+        return cls(shape=tuple(shape), spacing_mm=spacing_mm, origin_mm=tuple(origin))
+
+    def world_to_voxel(self, points_mm: npt.ArrayLike) -> np.ndarray:
+        """Continuous voxel indices of world points; (3,) or (N, 3) in, same shape out."""
+        points = np.asarray(points_mm, dtype=np.float64)
+        return (points - np.asarray(self.origin_mm)) / self.spacing_mm
+
+    def voxel_to_world(self, voxels: npt.ArrayLike) -> np.ndarray:
+        """World points of (continuous) voxel indices; (3,) or (N, 3) in, same shape out."""
+        indices = np.asarray(voxels, dtype=np.float64)
+        return indices * self.spacing_mm + np.asarray(self.origin_mm)
+
+    def contains_voxel(self, voxel: npt.ArrayLike) -> bool:
+        """Whether an integer voxel index lies inside the grid, i.e. 0 <= v < n on every axis."""
+        index = np.asarray(voxel, dtype=np.float64).reshape(-1)
+        if index.shape != (3,):
+            return False
+        return bool(np.all(index >= 0) and np.all(index <= np.asarray(self.shape) - 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly description, the inverse of :meth:`from_dict`."""
+        return {
+            "shape": list(self.shape),
+            "spacing_mm": self.spacing_mm,
+            "origin_mm": list(self.origin_mm),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> WorkingGrid:
+        """Rebuild a grid saved with :meth:`to_dict`; raises ValueError when malformed."""
+        try:
+            return cls(
+                shape=tuple(d["shape"]),
+                spacing_mm=d["spacing_mm"],
+                origin_mm=tuple(d["origin_mm"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a working grid description: {exc}") from exc
+
+
+def overlap_centre(ct: Volume, pet: Volume) -> np.ndarray:
+    """Centre (3,) of the overlap of the two images' world bounding boxes.
+
+    This is where a default working grid goes, so the network sees both modalities.
+    """
+    ct_low, ct_high = _world_box(ct)
+    pet_low, pet_high = _world_box(pet)
+    low = np.maximum(ct_low, pet_low)
+    high = np.minimum(ct_high, pet_high)
+    if np.any(high <= low):
+        raise ImageError("ct and pet do not overlap")
+    return (low + high) / 2
+
+
+def resample(volume: Volume, grid: WorkingGrid, *, order: int = 1, fill: float = 0.0) -> np.ndarray:
+    """Sample ``volume`` at every working-grid voxel centre, matched by world position.
+
+    Grid points outside the image get ``fill``. Returns float32 of ``grid.shape``.
+    """
+    return _pull(
+        volume.array,
+        source_affine=volume.affine,
+        target_shape=grid.shape,
+        target_affine=grid.affine,
+        order=order,
+        fill=fill,
+    )
+
+
+def normalise_ct(hu: np.ndarray) -> np.ndarray:
+    """Clip to the soft-tissue window [-200, 200] HU and scale linearly to [-1, 1]."""
+    low, high = CT_WINDOW_HU
+    clipped = np.clip(np.asarray(hu, dtype=np.float32), low, high)
+    return ((clipped - low) * (2.0 / (high - low)) - 1.0).astype(np.float32, copy=False)
+
+
+def normalise_pet(suv: np.ndarray) -> np.ndarray:
+    """Z-score over the given array; a constant array maps to zeros."""
+    values = np.asarray(suv, dtype=np.float32)
+    mean = float(values.mean(dtype=np.float64))
+    std = float(values.std(dtype=np.float64))
+    if not (math.isfinite(std) and std > 0):
+        return np.zeros_like(values)
+    return ((values - mean) / std).astype(np.float32, copy=False)
+
+
+def preprocess(ct: Volume, pet: Volume, grid: WorkingGrid) -> np.ndarray:
+    """The network input (2, *grid.shape) float32: normalised CT then normalised PET."""
+    ct_channel = normalise_ct(resample(ct, grid, fill=CT_FILL_HU))
+    pet_channel = normalise_pet(resample(pet, grid, fill=0.0))
+    return np.stack([ct_channel, pet_channel]).astype(np.float32, copy=False)
+
+
+def to_volume_grid(
+    probability: np.ndarray,
+    grid: WorkingGrid,
+    shape: Sequence[int],
+    affine: npt.ArrayLike,
+) -> np.ndarray:
+    """Map a working-grid array onto another image grid (e.g. the uploaded CT's).
+
+    Trilinear, matched by world position; target voxels outside the working grid are 0.
+    Only the block of the target that the working grid covers is interpolated, since
+    the working grid is usually far smaller than a whole-body CT.
+    """
+    values = np.asarray(probability, dtype=np.float32)
+    if values.shape != grid.shape:
+        raise ValueError(f"array shape {values.shape} does not match the grid {grid.shape}")
+    target_shape = tuple(int(n) for n in shape)
+    target_affine = np.asarray(affine, dtype=np.float64)
+    result = np.zeros(target_shape, dtype=np.float32)
+    block = _covered_block(grid, target_shape, target_affine)
+    if block is None:
+        return result
+    start, stop = block
+    block_affine = target_affine.copy()
+    block_affine[:3, 3] = target_affine[:3, :3] @ start + target_affine[:3, 3]
+    result[tuple(slice(a, b) for a, b in zip(start, stop))] = _pull(
+        values,
+        source_affine=grid.affine,
+        target_shape=tuple(int(n) for n in stop - start),
+        target_affine=block_affine,
+        order=1,
+        fill=0.0,
+    )
+    return result
+
+
+def _pull(
+    source: np.ndarray,
+    *,
+    source_affine: np.ndarray,
+    target_shape: tuple[int, ...],
+    target_affine: np.ndarray,
+    order: int,
+    fill: float,
+) -> np.ndarray:
+    """For each target voxel, go to world and then to a source voxel, and interpolate there."""
+    target_to_source = np.linalg.inv(source_affine) @ target_affine
+    return ndimage.affine_transform(
+        np.asarray(source, dtype=np.float32),
+        target_to_source[:3, :3],
+        offset=target_to_source[:3, 3],
+        output_shape=target_shape,
+        output=np.float32,
+        order=order,
+        mode="constant",
+        cval=fill,
+    )
+
+
+def _world_box(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned world box (low, high) around all voxels of a volume."""
+    corners = volume.world_corners()
+    half_voxel = volume.half_voxel_extent()
+    return corners.min(axis=0) - half_voxel, corners.max(axis=0) + half_voxel
+
+
+def _covered_block(
+    grid: WorkingGrid, target_shape: tuple[int, ...], target_affine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Index range [start, stop) of target voxels that can receive non-zero values.
+
+    Interpolation only yields values between working-grid voxel centres, so the
+    grid's corner centres, taken into target indices, bound the block (plus one
+    voxel of margin for rounding).
+    """
+    last = np.asarray(grid.shape, dtype=np.float64) - 1
+    corners = np.array(np.meshgrid(*[[0.0, m] for m in last], indexing="ij")).reshape(3, -1).T
+    world_to_target = np.linalg.inv(target_affine)
+    target = grid.voxel_to_world(corners) @ world_to_target[:3, :3].T + world_to_target[:3, 3]
+    start = np.maximum(np.floor(target.min(axis=0)).astype(int) - 1, 0)
+    stop = np.minimum(np.ceil(target.max(axis=0)).astype(int) + 2, np.asarray(target_shape))
+    if np.any(stop <= start):
+        return None
+    return start, stop

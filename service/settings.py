@@ -1,0 +1,39 @@
+"""Service settings, from ICR_* environment variables (and REDIS_URL)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ICR_", extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("ICR_REDIS_URL", "REDIS_URL"),
+        description="Redis URL; unset runs the embedded default (in-process store and engine).",
+    )
+    redis_prefix: str = Field("icr", description="Prefix of every Redis key the service writes.")
+    weights: Path = Field(DEMO_WEIGHTS, description="Checkpoint directory (manifest.json + members).")
+    device: str = Field("auto", description="'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when present).")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for inference; default: torch's.")
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated API keys; when set, a bearer key is required and owns its sessions."
+    )
+    session_ttl_s: float = Field(3600.0, gt=0, description="Idle time after which a session expires.")
+    max_upload_mb: float = Field(200.0, gt=0, description="Largest accepted file, as uploaded.")
+    max_image_mb: float = Field(1024.0, gt=0, description="Largest accepted image once decompressed.")
+    job_timeout_s: float = Field(300.0, gt=0, description="How long a request waits for the engine.")
+    claim_idle_s: float = Field(30.0, gt=0, description="A job unrefreshed this long is taken by another worker.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def api_key_set(self) -> frozenset[str]:
+        if self.api_keys is None:
+            return frozenset()
+        return frozenset(k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip())

@@ -1,0 +1,117 @@
+"""Real service processes over HTTP: the embedded default, and API + workers over Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import _free_port
+
+API_KEYS = ("key-alpha", "key-beta")
+
+
+@dataclass
+class Service:
+    """A running API: its base URL and the headers a caller sends."""
+
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=120)
+
+
+def service_env(weights: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ICR_") and k != "REDIS_URL"}
+    env.update(
+        {
+            "ICR_WEIGHTS": str(weights),
+            "ICR_DEVICE": "cpu",
+            "ICR_TORCH_THREADS": "1",
+            "ICR_MAX_UPLOAD_MB": "2",
+            "ICR_MAX_IMAGE_MB": "16",
+            "ICR_JOB_TIMEOUT_S": "60",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    stream = log.open("ab")
+    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=env, stdout=stream,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"service exited early:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"service not ready after {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def embedded_service(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """`icr serve` with no Redis and API keys on."""
+    port = _free_port()
+    env = service_env(tiny_weights, ICR_API_KEYS=",".join(API_KEYS))
+    log = tmp_path_factory.mktemp("embedded") / "serve.log"
+    process = start(["serve", "--port", str(port)], env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, log)
+        yield Service(url, {"Authorization": f"Bearer {API_KEYS[0]}"}, env)
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="session")
+def redis_service(
+    tiny_weights: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    """`icr serve` as a pure API over Redis with one `icr worker`; auth off."""
+    port = _free_port()
+    env = service_env(tiny_weights, REDIS_URL=redis_url, ICR_REDIS_PREFIX="e2e")
+    logs = tmp_path_factory.mktemp("redis-mode")
+    api = start(["serve", "--port", str(port)], env, logs / "serve.log")
+    worker = start(["worker", "--name", "e2e-worker"], env, logs / "worker.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, api, logs / "serve.log")
+        yield Service(url, {}, env)
+    finally:
+        stop(worker)
+        stop(api)
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def service(request: pytest.FixtureRequest) -> Service:
+    return request.getfixturevalue(f"{request.param}_service")
