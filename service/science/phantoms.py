@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 from pathlib import Path
 
 import nibabel as nib
@@ -25,6 +25,7 @@ Vector3 = tuple[float, float, float]
 Slices3 = tuple[slice, slice, slice]
 Coordinates = tuple[np.ndarray, np.ndarray, np.ndarray]
 RegionTest = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Modality = Literal["ct", "pet"]
 
 DEFAULT_CT_SPACING_MM: Vector3 = (0.98, 0.98, 3.0)
 DEFAULT_PET_SPACING_MM: Vector3 = (4.0, 4.0, 4.0)
@@ -461,6 +462,7 @@ def sample_anatomy(rng: np.random.Generator) -> HeadNeckAnatomy:
 class TissueValues:
     """What one modality shows for each tissue class."""
 
+    modality: Modality
     air: float
     fat: float
     soft_tissue: float
@@ -468,6 +470,9 @@ class TissueValues:
     disc: float
     canal: float
     brain: float
+
+    def organ(self, organ: UptakeOrgan) -> float:
+        return organ.hu if self.modality == "ct" else organ.suv
 
 
 def _paint_region(volume: np.ndarray, grid: Grid, bounds: tuple[Sequence[float], Sequence[float]],
@@ -481,8 +486,7 @@ def _paint_region(volume: np.ndarray, grid: Grid, bounds: tuple[Sequence[float],
     sub[np.broadcast_to(contains(x, y, z), sub.shape)] = value
 
 
-def _paint_anatomy(volume: np.ndarray, grid: Grid, anatomy: HeadNeckAnatomy, tissue: TissueValues,
-                   hu_not_suv: bool) -> None:
+def _paint_anatomy(volume: np.ndarray, grid: Grid, anatomy: HeadNeckAnatomy, tissue: TissueValues) -> None:
     """Paint every non-tumour structure, deepest last (painter's algorithm)."""
     everywhere = ((-math.inf,) * 3, (math.inf,) * 3)
     body = anatomy.body
@@ -490,7 +494,7 @@ def _paint_anatomy(volume: np.ndarray, grid: Grid, anatomy: HeadNeckAnatomy, tis
     _paint_region(volume, grid, everywhere, lambda x, y, z: body.contains(x, y, z, body.fat_thickness),
                   tissue.soft_tissue)
     for organ in (*anatomy.organs, *anatomy.lymph_nodes):
-        _paint_region(volume, grid, organ.shape.bounds(), organ.shape.contains, organ.hu if hu_not_suv else organ.suv)
+        _paint_region(volume, grid, organ.shape.bounds(), organ.shape.contains, tissue.organ(organ))
     _paint_region(volume, grid, anatomy.skull.bounds(), anatomy.skull.contains, tissue.bone)
     _paint_region(volume, grid, anatomy.brain.bounds(), anatomy.brain.contains, tissue.brain)
     _paint_region(volume, grid, anatomy.mandible.bounds(), anatomy.mandible.contains, tissue.bone)
@@ -521,11 +525,11 @@ def _add_soft_tissue_texture(hu: np.ndarray, grid: Grid, anatomy: HeadNeckAnatom
 
 def _render_ct(anatomy: HeadNeckAnatomy, grid: Grid, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """CT in HU (int16) and the GTVt mask (uint8) on the CT grid."""
-    hu = np.full(grid.shape, AIR_HU, dtype=np.float32)
-    tissue = TissueValues(air=AIR_HU, fat=anatomy.fat_hu, soft_tissue=anatomy.soft_tissue_hu, bone=anatomy.bone_hu,
-                          disc=anatomy.soft_tissue_hu + 40.0, canal=anatomy.soft_tissue_hu - 15.0,
-                          brain=anatomy.brain_hu)
-    _paint_anatomy(hu, grid, anatomy, tissue, hu_not_suv=True)
+    tissue = TissueValues(modality="ct", air=AIR_HU, fat=anatomy.fat_hu, soft_tissue=anatomy.soft_tissue_hu,
+                          bone=anatomy.bone_hu, disc=anatomy.soft_tissue_hu + 40.0,
+                          canal=anatomy.soft_tissue_hu - 15.0, brain=anatomy.brain_hu)
+    hu = np.full(grid.shape, tissue.air, dtype=np.float32)
+    _paint_anatomy(hu, grid, anatomy, tissue)
     gtvt = np.zeros(grid.shape, dtype=np.uint8)
     tumour = anatomy.tumour
     located = _tumour_window(grid, anatomy)
@@ -536,7 +540,7 @@ def _render_ct(anatomy: HeadNeckAnatomy, grid: Grid, rng: np.random.Generator) -
             necrotic = mask & tumour.necrosis.contains(x, y, z)
             hu[window][necrotic] = anatomy.soft_tissue_hu - tumour.necrosis_hu_drop
         gtvt[window][mask] = 1
-    _paint_region(hu, grid, anatomy.airway.bounds(), anatomy.airway.contains, AIR_HU)
+    _paint_region(hu, grid, anatomy.airway.bounds(), anatomy.airway.contains, tissue.air)
     _add_soft_tissue_texture(hu, grid, anatomy)
     spacing = grid.spacing_mm
     hu = ndimage.gaussian_filter(hu, sigma=tuple(0.6 / spacing), truncate=2.5)  # ~1.4 mm FWHM scanner blur
@@ -547,11 +551,11 @@ def _render_ct(anatomy: HeadNeckAnatomy, grid: Grid, rng: np.random.Generator) -
 def _render_pet(anatomy: HeadNeckAnatomy, grid: Grid, rng: np.random.Generator) -> np.ndarray:
     """PET in SUV (float32): activity binned from sub-voxels, blurred by the scanner PSF, then noisy."""
     fine = grid.supersampled(PET_SUPERSAMPLING)
-    suv = np.zeros(fine.shape, dtype=np.float32)
-    tissue = TissueValues(air=0.0, fat=anatomy.fat_suv, soft_tissue=anatomy.soft_tissue_suv, bone=anatomy.bone_suv,
-                          disc=anatomy.soft_tissue_suv * 0.7, canal=anatomy.soft_tissue_suv * 0.8,
-                          brain=anatomy.brain_suv)
-    _paint_anatomy(suv, fine, anatomy, tissue, hu_not_suv=False)
+    tissue = TissueValues(modality="pet", air=0.0, fat=anatomy.fat_suv, soft_tissue=anatomy.soft_tissue_suv,
+                          bone=anatomy.bone_suv, disc=anatomy.soft_tissue_suv * 0.7,
+                          canal=anatomy.soft_tissue_suv * 0.8, brain=anatomy.brain_suv)
+    suv = np.full(fine.shape, tissue.air, dtype=np.float32)
+    _paint_anatomy(suv, fine, anatomy, tissue)
     tumour = anatomy.tumour
     located = _tumour_window(fine, anatomy)
     if located is not None:
@@ -560,7 +564,7 @@ def _render_pet(anatomy: HeadNeckAnatomy, grid: Grid, rng: np.random.Generator) 
         suv[window][mask] = uptake[mask]
         if tumour.necrosis is not None:
             suv[window][mask & tumour.necrosis.contains(x, y, z)] = tumour.necrosis_suv
-    _paint_region(suv, fine, anatomy.airway.bounds(), anatomy.airway.contains, 0.0)
+    _paint_region(suv, fine, anatomy.airway.bounds(), anatomy.airway.contains, tissue.air)
     suv = _bin_mean(suv, PET_SUPERSAMPLING)
     fwhm_mm = rng.uniform(5.0, 7.0)
     suv = ndimage.gaussian_filter(suv, sigma=tuple(fwhm_mm / FWHM_PER_SIGMA / grid.spacing_mm))

@@ -24,8 +24,12 @@ class Service:
     """A running API: its base URL and the headers a caller sends."""
 
     url: str
+    logs: list[Path]
     headers: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+
+    def log_text(self) -> str:
+        return "".join(path.read_text(errors="replace") for path in self.logs)
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers=self.headers, timeout=120)
@@ -88,7 +92,7 @@ def embedded_service(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactor
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, log)
-        yield Service(url, {"Authorization": f"Bearer {API_KEYS[0]}"}, env)
+        yield Service(url, [log], {"Authorization": f"Bearer {API_KEYS[0]}"}, env)
     finally:
         stop(process)
 
@@ -106,7 +110,7 @@ def redis_service(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, api, logs / "serve.log")
-        yield Service(url, {}, env)
+        yield Service(url, [logs / "serve.log", logs / "worker.log"], {}, env)
     finally:
         stop(worker)
         stop(api)

@@ -1,0 +1,136 @@
+"""Hostile and broken input: a 4xx problem+json naming the problem, and no session changed."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zlib
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+
+from service.imaging.nifti import write_nifti
+from tests.api.conftest import Service
+
+SECRET_NAME = "Doe-Jane-1961-private.nii.gz"
+SECRET_HEADER = "SECRET-HEADER-TEXT"
+
+
+def _nifti_bytes(array: np.ndarray, affine: np.ndarray, description: str = "") -> bytes:
+    image = nib.Nifti1Image(array, np.eye(4))
+    image.set_qform(None, code=0)
+    image.set_sform(affine, code=1)  # the sform holds any affine, a singular one too
+    if description:
+        image.header["descrip"] = description.encode()
+    return gzip.compress(image.to_bytes())
+
+
+def _gzip_bomb(decompressed_mb: int) -> bytes:
+    """A valid gzip stream of zeros, built in chunks so the test never holds it expanded."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    chunk = bytes(1 << 20)
+    parts = [compressor.compress(chunk) for _ in range(decompressed_mb)]
+    return b"".join(parts) + compressor.flush()
+
+
+def _bad_uploads(files: dict[str, Path]) -> dict[str, tuple[dict[str, bytes], int, str]]:
+    ct = files["ct"].read_bytes()
+    pet = files["pet"].read_bytes()
+    affine = nib.load(files["ct"]).affine
+    ct_array = np.asarray(nib.load(files["ct"]).dataobj).astype(np.float32)
+    with_nan = ct_array.copy()
+    with_nan[3, 4, 5] = np.nan
+    singular = affine.copy()
+    singular[:3, 2] = 0
+    far_away = affine.copy()
+    far_away[:3, 3] += 5000.0
+    corrupt = bytearray(ct)
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 64] = bytes(64)
+    return {
+        "not nifti": ({"ct": b"this is not an image" * 50, "pet": pet}, 422, "ct: not a NIfTI"),
+        "truncated gzip": ({"ct": ct, "pet": pet[: len(pet) // 2]}, 422, "pet:"),
+        "corrupt gzip": ({"ct": bytes(corrupt), "pet": pet}, 422, "ct: gzip"),
+        "gzip bomb": ({"ct": _gzip_bomb(64), "pet": pet}, 422, "over the limit"),
+        "4d image": ({"ct": _nifti_bytes(np.zeros((8, 8, 8, 3), np.float32), affine), "pet": pet}, 422, "4D"),
+        "2d image": ({"ct": _nifti_bytes(np.zeros((8, 8), np.float32), affine), "pet": pet}, 422, "ct:"),
+        "nan voxels": ({"ct": _nifti_bytes(with_nan, affine), "pet": pet}, 422, "NaN"),
+        "inf voxels": ({"ct": ct, "pet": _nifti_bytes(np.full((6, 6, 6), np.inf, np.float32), np.eye(4))}, 422, "pet:"),
+        "singular affine": ({"ct": _nifti_bytes(ct_array, singular), "pet": pet}, 422, "affine"),
+        "no overlap": ({"ct": _nifti_bytes(ct_array, far_away), "pet": pet}, 422, "do not overlap"),
+        "over upload limit": ({"ct": np.random.default_rng(0).bytes(3 * 2**20), "pet": pet}, 413, "limit"),
+    }
+
+
+BAD_UPLOAD_IDS = [
+    "not nifti", "truncated gzip", "corrupt gzip", "gzip bomb", "4d image", "2d image", "nan voxels",
+    "inf voxels", "singular affine", "no overlap", "over upload limit",
+]
+
+
+def _problem(response: httpx.Response, status: int, words: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status
+    assert words in body["detail"], body["detail"]
+
+
+@pytest.mark.parametrize("case", BAD_UPLOAD_IDS)
+def test_bad_upload_is_refused(service: Service, ct_pet_files: dict[str, Path], case: str) -> None:
+    uploads, status, words = _bad_uploads(ct_pet_files)[case]
+    client = service.client()
+    response = client.post(
+        "/v1/sessions",
+        files={role: (SECRET_NAME, payload) for role, payload in uploads.items()},
+    )
+    _problem(response, status, words)
+
+
+def test_missing_file_and_bad_centre(service: Service, ct_pet_files: dict[str, Path]) -> None:
+    client = service.client()
+    only_ct = client.post("/v1/sessions", files={"ct": ("ct.nii.gz", ct_pet_files["ct"].read_bytes())})
+    _problem(only_ct, 422, "pet")
+    files = {role: (f"{role}.nii.gz", path.read_bytes()) for role, path in ct_pet_files.items()}
+    _problem(client.post("/v1/sessions", files=files, data={"centre": "1,2"}), 422, "centre")
+    _problem(client.post("/v1/sessions", files=files, data={"centre": "1,nan,2"}), 422, "centre")
+
+
+def test_bad_clicks_leave_the_session_untouched(service: Service, ct_pet_files: dict[str, Path]) -> None:
+    client = service.client()
+    files = {role: (f"{role}.nii.gz", path.read_bytes()) for role, path in ct_pet_files.items()}
+    created = client.post("/v1/sessions", files=files).json()
+    sid = created["id"]
+    url = f"/v1/sessions/{sid}/clicks"
+    _problem(client.post(url, json={"clicks": [{"label": "foreground", "voxel": [32, 0, 0]}]}), 422, "clicks[0]")
+    _problem(client.post(url, json={"clicks": [{"label": "foreground", "voxel": [-1, 5, 5]}]}), 422, "outside")
+    _problem(
+        client.post(url, json={"clicks": [{"label": "background", "voxel": [1, 1, 1]},
+                                          {"label": "foreground", "world_mm": [900.0, 0.0, 0.0]}]}),
+        422, "clicks[1]",
+    )
+    _problem(client.post(url, json={"clicks": [{"label": "tumour", "voxel": [1, 1, 1]}]}), 422, "label")
+    _problem(client.post(url, json={"clicks": [{"label": "foreground"}]}), 422, "exactly one")
+    _problem(client.post(url, json={"clicks": [{"label": "foreground", "voxel": [1, 1, 1], "world_mm": [0, 0, 0]}]}),
+             422, "exactly one")
+    _problem(client.post(url, json={"clicks": []}), 422, "clicks")
+    _problem(client.post(url, content=b'{"clicks": [', headers={"content-type": "application/json"}), 422, "JSON")
+    _problem(client.post(url, json={"clicks": [{"label": "foreground", "voxel": [1.5, 1, 1]}]}), 422, "voxel")
+    state = client.get(f"/v1/sessions/{sid}").json()
+    assert state["version"] == 0 and state["clicks"] == []
+    mask = client.get(f"/v1/sessions/{sid}/mask")
+    assert mask.status_code == 200
+
+
+def test_logs_hold_no_file_names_or_header_text(service: Service, ct_pet_files: dict[str, Path]) -> None:
+    client = service.client()
+    ct = nib.load(ct_pet_files["ct"])
+    labelled = _nifti_bytes(np.asarray(ct.dataobj).astype(np.float32), ct.affine, SECRET_HEADER)
+    client.post("/v1/sessions", files={"ct": (SECRET_NAME, labelled), "pet": (SECRET_NAME, ct_pet_files["pet"].read_bytes())})
+    client.post("/v1/sessions", files={"ct": (SECRET_NAME, b"garbage " + SECRET_HEADER.encode()), "pet": (SECRET_NAME, b"x")})
+    text = service.log_text()
+    assert "session" in text  # the log is being written
+    assert SECRET_NAME not in text
+    assert SECRET_HEADER not in text
