@@ -4,6 +4,7 @@
 
     {
       "format": "icr-checkpoint/1",
+      "method": "2s-icr",
       "architecture": {"channels": [...], "strides": [...], "num_res_units": 2},
       "grid": {"shape": [144, 144, 144], "spacing_mm": 1.0},
       "click_sigma_voxels": 3.0,
@@ -13,6 +14,11 @@
       },
       "description": "free text: data, training command"
     }
+
+``method`` says which stages exist: ``2s-icr`` (initial + refinement, what the
+service serves), ``unet`` (initial only) and the DeepGrow/DeepEdit baselines
+``deepgrow``, ``deepedit-25``, ``deepedit-50`` (one ``interactive`` stage taking CT,
+PET and the two click maps).
 
 Member files are ``torch.save(unet.state_dict())`` (any float dtype; loaded as
 float32), read with ``weights_only=True``, so a state_dict of the same MONAI UNet
@@ -32,11 +38,24 @@ import torch
 from monai.networks.nets import UNet
 
 from service.engine.clicks import DEFAULT_SIGMA_VOXELS
-from service.engine.networks import INITIAL_CHANNELS, REFINEMENT_CHANNELS, Architecture, build_unet
+from service.engine.networks import (
+    INITIAL_CHANNELS,
+    INTERACTIVE_CHANNELS,
+    REFINEMENT_CHANNELS,
+    Architecture,
+    build_unet,
+)
 
 FORMAT = "icr-checkpoint/1"
 MANIFEST = "manifest.json"
-STAGE_CHANNELS = {"initial": INITIAL_CHANNELS, "refinement": REFINEMENT_CHANNELS}
+STAGE_CHANNELS = {"initial": INITIAL_CHANNELS, "refinement": REFINEMENT_CHANNELS, "interactive": INTERACTIVE_CHANNELS}
+METHOD_STAGES = {
+    "2s-icr": ("initial", "refinement"),
+    "unet": ("initial",),
+    "deepgrow": ("interactive",),
+    "deepedit-25": ("interactive",),
+    "deepedit-50": ("interactive",),
+}
 
 
 class CheckpointError(RuntimeError):
@@ -45,6 +64,7 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedCheckpoint:
+    method: str
     architecture: Architecture
     grid_shape: tuple[int, int, int]
     spacing_mm: float
@@ -66,6 +86,7 @@ def write_checkpoint(
     directory: Path,
     stages: dict[str, list[UNet]],
     *,
+    method: str = "2s-icr",
     architecture: Architecture,
     grid_shape: tuple[int, int, int],
     spacing_mm: float = 1.0,
@@ -74,6 +95,8 @@ def write_checkpoint(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Save ensembles in the service's checkpoint format; returns the manifest path."""
+    if set(stages) != set(METHOD_STAGES[method]):
+        raise ValueError(f"method {method} needs stages {METHOD_STAGES[method]}, got {sorted(stages)}")
     directory.mkdir(parents=True, exist_ok=True)
     manifest_stages: dict[str, Any] = {}
     for stage, members in stages.items():
@@ -85,6 +108,7 @@ def write_checkpoint(
         manifest_stages[stage] = {"in_channels": STAGE_CHANNELS[stage], "members": entries}
     manifest = {
         "format": FORMAT,
+        "method": method,
         "architecture": architecture.to_dict(),
         "grid": {"shape": list(grid_shape), "spacing_mm": spacing_mm},
         "click_sigma_voxels": click_sigma_voxels,
@@ -128,15 +152,21 @@ def _load_member(directory: Path, stage: str, entry: dict[str, Any], architectur
     return net.eval()
 
 
-def load_checkpoint(directory: Path | str) -> LoadedCheckpoint:
+def load_checkpoint(directory: Path | str, *, method: str | None = "2s-icr") -> LoadedCheckpoint:
+    """Load and verify a checkpoint; ``method`` is the one the caller needs (None: any)."""
     directory = Path(directory)
     manifest, digest = _read_manifest(directory)
+    found = manifest.get("method", "2s-icr")
+    if found not in METHOD_STAGES:
+        raise CheckpointError(f"{directory / MANIFEST} names an unknown method {found!r}")
+    if method is not None and found != method:
+        raise CheckpointError(f"{directory} holds a {found} checkpoint; a {method} checkpoint is needed")
     try:
         architecture = Architecture.from_dict(manifest["architecture"])
         shape = tuple(int(n) for n in manifest["grid"]["shape"])
         spacing = float(manifest["grid"]["spacing_mm"])
         sigma = float(manifest.get("click_sigma_voxels", DEFAULT_SIGMA_VOXELS))
-        stage_entries = {stage: manifest["stages"][stage] for stage in STAGE_CHANNELS}
+        stage_entries = {stage: manifest["stages"][stage] for stage in METHOD_STAGES[found]}
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{directory / MANIFEST} lacks a valid field: {error}") from error
     if len(shape) != 3 or min(shape) < 1 or spacing <= 0:
@@ -150,6 +180,7 @@ def load_checkpoint(directory: Path | str) -> LoadedCheckpoint:
             raise CheckpointError(f"{stage} stage lists no members")
         stages[stage] = [_load_member(directory, stage, m, architecture) for m in members]
     return LoadedCheckpoint(
+        method=found,
         architecture=architecture,
         grid_shape=(shape[0], shape[1], shape[2]),
         spacing_mm=spacing,

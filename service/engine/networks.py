@@ -9,6 +9,7 @@ from monai.networks.nets import UNet
 
 INITIAL_CHANNELS = 2  # CT, PET
 REFINEMENT_CHANNELS = 5  # CT, PET, previous probability, positive clicks, negative clicks
+INTERACTIVE_CHANNELS = 4  # DeepGrow/DeepEdit baselines: CT, PET, positive clicks, negative clicks
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,69 @@
+"""Every compared method behind one interface: initial probability, then refine with clicks.
+
+- ``2s-icr``: the service's :class:`~service.engine.ensemble.Engine` (memory of the
+  previous ensemble probability, two stages).
+- ``unet``: the initial ensemble alone; clicks change nothing.
+- ``deepgrow`` / ``deepedit-25`` / ``deepedit-50``: one interactive ensemble on CT,
+  PET and the click maps of all clicks so far (no memory); 0 clicks = empty maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from service.engine.checkpoints import LoadedCheckpoint, load_checkpoint
+from service.engine.clicks import click_maps
+from service.engine.ensemble import Engine, Ensemble
+from service.store.contract import Click
+
+
+class Segmenter(Protocol):
+    checkpoint: LoadedCheckpoint
+
+    def initial_probability(self, images: np.ndarray) -> np.ndarray: ...
+
+    def refine(self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click]) -> np.ndarray: ...
+
+
+class NonInteractive:
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device) -> None:
+        self.checkpoint = checkpoint
+        self.ensemble = Ensemble([m.to(device) for m in checkpoint.stages["initial"]], device)
+
+    def initial_probability(self, images: np.ndarray) -> np.ndarray:
+        return self.ensemble.probability(images)
+
+    def refine(self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
+        return previous
+
+
+class ClickGuided:
+    """DeepGrow/DeepEdit: the click maps are the only interaction input."""
+
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device) -> None:
+        self.checkpoint = checkpoint
+        self.ensemble = Ensemble([m.to(device) for m in checkpoint.stages["interactive"]], device)
+
+    def _run(self, images: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
+        guidance = click_maps(clicks, images.shape[1:], self.checkpoint.click_sigma_voxels)
+        return self.ensemble.probability(np.concatenate([images, guidance], axis=0))
+
+    def initial_probability(self, images: np.ndarray) -> np.ndarray:
+        return self._run(images, ())
+
+    def refine(self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
+        return self._run(images, clicks)
+
+
+def load_segmenter(directory: Path | str, device: torch.device) -> Segmenter:
+    checkpoint = load_checkpoint(directory, method=None)
+    if checkpoint.method == "2s-icr":
+        return Engine(checkpoint, device)
+    if checkpoint.method == "unet":
+        return NonInteractive(checkpoint, device)
+    return ClickGuided(checkpoint, device)
