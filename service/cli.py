@@ -69,6 +69,16 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _phantoms(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from service.science.phantoms import write_cases
+
+    ids = write_cases(Path(args.out), args.n, args.seed)
+    print(f"{len(ids)} phantom cases written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icr", description="2S-ICR interactive GTVt segmentation")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -82,7 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run an engine worker against REDIS_URL")
     worker.add_argument("--name", default=None, help="consumer name (default host-pid-random)")
     worker.set_defaults(run=_worker)
+
+    phantoms = commands.add_parser("phantoms", help="write seeded synthetic PET-CT cases (HECKTOR layout)")
+    phantoms.add_argument("out", help="output folder")
+    phantoms.add_argument("-n", type=int, default=10, help="number of cases")
+    phantoms.add_argument("--seed", type=int, default=0, help="seed of the set; each case derives its own")
+    phantoms.set_defaults(run=_phantoms)
+
+    for module in ("service.science.training", "service.science.evaluation", "service.bench"):
+        _register(commands, module)
     return parser
+
+
+def _register(commands: argparse._SubParsersAction, module: str) -> None:
+    """Science and benchmark commands import torch-heavy code only when they exist."""
+    import importlib
+
+    importlib.import_module(module).register(commands)
 
 
 def main(argv: list[str] | None = None) -> int:

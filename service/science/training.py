@@ -1,0 +1,418 @@
+"""Training of 2S-ICR and the methods it is compared with, into service checkpoints.
+
+Methods: ``unet`` (non-interactive), ``2s-icr`` (initial net, then a refinement net
+trained on the frozen initial net's output with 1-15 simulated clicks, a backward
+pass at every interaction and mask dropout), ``deepgrow`` / ``deepedit-25`` /
+``deepedit-50`` (DeepEdit with 0/25/50 % click-free iterations: clicks simulated
+without gradients, then one backward pass with all of them, as MONAI's DeepEdit).
+
+Every network: Dice + BCE (equal weights), AdamW, cosine annealing to zero, batch 1,
+the paper's augmentations, best state by validation mean DSC over 0-10 clicks (0
+clicks for non-interactive nets), early stopping after ``patience`` validations
+without improvement. One member per fold of a k-fold split (a file, so runs
+are reproducible); ``base_steps`` > 0 first trains one network on every training
+case and starts each fold's member from it (the reduced configuration's way to fit
+five members into a CPU budget). Optimizer steps are the budget: an interaction
+step of 2S-ICR counts as one step, so every method gets the same number.
+
+Training is resumable: each member's progress is saved after every validation and
+a rerun of the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+from tqdm import tqdm
+
+from service.engine.checkpoints import METHOD_STAGES, STAGE_CHANNELS, LoadedCheckpoint, write_checkpoint
+from service.engine.clicks import DEFAULT_SIGMA_VOXELS, click_maps
+from service.engine.ensemble import Engine, resolve_device
+from service.engine.networks import PAPER_ARCHITECTURE, Architecture, build_unet
+from service.science.augment import augmented_sample, training_transforms
+from service.science.dataset import (
+    PreparedCase,
+    find_cases,
+    load_prepared,
+    make_folds,
+    read_case_list,
+    read_folds,
+    select,
+    write_folds,
+)
+from service.science.evaluation import interaction_curve
+from service.science.methods import ClickGuided, NonInteractive, Segmenter
+from service.science.simulator import next_click
+from service.store.contract import Click
+
+log = logging.getLogger(__name__)
+
+METHODS = tuple(METHOD_STAGES)
+CLICK_FREE_FRACTION = {"deepgrow": 0.0, "deepedit-25": 0.25, "deepedit-50": 0.5}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str
+    architecture: Architecture
+    grid_shape: tuple[int, int, int]
+    spacing_mm: float
+    patch_shape: tuple[int, int, int] | None
+    lr: float
+    member_steps: int  # per fold member; 0 with ``epochs`` set: epochs x training cases
+    base_steps: int = 0
+    epochs: int | None = None
+    weight_decay: float = 1e-5
+    val_every: int = 100
+    patience: int = 10
+    max_train_clicks: int = 15
+    val_clicks: int = 10
+    p_drop: float = 0.2
+    folds: int = 5
+    click_sigma_voxels: float = DEFAULT_SIGMA_VOXELS
+    save_dtype: str = "float32"
+
+
+CONFIGS = {
+    # The paper: full 144^3 volumes at 1 mm, 300 epochs, lr 1e-4. For GPUs.
+    "paper": TrainConfig(
+        name="paper", architecture=PAPER_ARCHITECTURE, grid_shape=(144, 144, 144), spacing_mm=1.0,
+        patch_shape=None, lr=1e-4, member_steps=0, epochs=300, val_every=500, patience=20,
+    ),
+    # Fits every method on a 2-core CPU in well under an hour each: half-width UNet,
+    # 64^3 grid at 2 mm (128 mm field), 48^3 patches, a shared warm start, lr 5e-4.
+    "reduced": TrainConfig(
+        name="reduced", architecture=Architecture(channels=(8, 16, 32, 64, 128)), grid_shape=(64, 64, 64),
+        spacing_mm=2.0, patch_shape=(48, 48, 48), lr=5e-4, base_steps=400, member_steps=60, val_every=30,
+        patience=4, save_dtype="float16",
+    ),
+    # A few steps on tiny volumes: for tests and smoke runs only.
+    "tiny": TrainConfig(
+        name="tiny", architecture=Architecture(channels=(4, 8, 16), strides=(1, 2), num_res_units=1),
+        grid_shape=(24, 24, 24), spacing_mm=4.0, patch_shape=None, lr=3e-3, member_steps=6, val_every=3,
+        patience=2, val_clicks=2, max_train_clicks=3, folds=2,
+    ),
+}
+
+
+@dataclass
+class Member:
+    """A fold's network being trained, and what selection keeps of it."""
+
+    net: UNet
+    best_state: dict[str, torch.Tensor] | None = None
+    best_metric: float = -1.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _loss() -> DiceCELoss:
+    return DiceCELoss(sigmoid=True, lambda_dice=1.0, lambda_ce=1.0)
+
+
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None].to(device)
+
+
+class StageTrainer:
+    """Optimises one network of one stage; ``step_source`` yields (loss closure) steps."""
+
+    def __init__(self, method: str, stage: str, config: TrainConfig, device: torch.device, seed: int) -> None:
+        self.method, self.stage, self.config, self.device = method, stage, config, device
+        self.rng = np.random.default_rng(seed)
+        self.transforms = training_transforms(config.spacing_mm, config.patch_shape)
+        self.loss = _loss()
+        self.initial_nets: dict[int, UNet] = {}  # frozen initial member per fold (2S-ICR refinement)
+
+    # -- one optimisation step (or several, for 2S-ICR interactions) ---------------
+    def _sample(self, cases: Sequence[PreparedCase]) -> tuple[np.ndarray, np.ndarray]:
+        case = cases[int(self.rng.integers(len(cases)))]
+        return augmented_sample(self.transforms, case.images, case.truth, int(self.rng.integers(2**31)))
+
+    def steps(self, net: UNet, fold: int, cases: Sequence[PreparedCase]) -> list[Callable[[], torch.Tensor]]:
+        """The loss closures of one training sample (several for interactive training)."""
+        images, truth = self._sample(cases)
+        target = _tensor(truth[None].astype(np.float32), self.device)
+        if self.stage == "initial":
+            return [lambda: self.loss(net(_tensor(images, self.device)), target)]
+        if self.stage == "refinement":
+            return self._refinement_steps(net, fold, images, truth, target)
+        return [self._click_guided_step(net, images, truth, target)]
+
+    def _refinement_steps(
+        self, net: UNet, fold: int, images: np.ndarray, truth: np.ndarray, target: torch.Tensor
+    ) -> list[Callable[[], torch.Tensor]]:
+        """1-15 interactions; each is a forward/backward on the last output (memory)."""
+        with torch.inference_mode():
+            state = {"previous": torch.sigmoid(self.initial_nets[fold](_tensor(images, self.device)))[0, 0].cpu().numpy()}
+        clicks: list[Click] = []
+        interactions = int(self.rng.integers(1, self.config.max_train_clicks + 1))
+
+        def interaction() -> torch.Tensor:
+            click = next_click(state["previous"] > 0.5, truth, self.rng)
+            if click is not None:
+                clicks.append(Click(click.label, click.voxel))
+            memory = state["previous"]
+            if self.rng.random() < self.config.p_drop:  # mask dropout: no memory this time
+                memory = np.full_like(memory, 0.5)
+            maps = click_maps(clicks, truth.shape, self.config.click_sigma_voxels)
+            logits = net(_tensor(np.concatenate([images, memory[None], maps]), self.device))
+            state["previous"] = torch.sigmoid(logits.detach())[0, 0].cpu().numpy()
+            return self.loss(logits, target)
+
+        return [interaction] * interactions
+
+    def _click_guided_step(
+        self, net: UNet, images: np.ndarray, truth: np.ndarray, target: torch.Tensor
+    ) -> Callable[[], torch.Tensor]:
+        """DeepEdit: click-free with probability p, else clicks simulated without gradients."""
+        clicks: list[Click] = []
+        if self.rng.random() >= CLICK_FREE_FRACTION[self.method]:
+            prediction = np.zeros_like(truth)
+            for _ in range(int(self.rng.integers(1, self.config.max_train_clicks + 1))):
+                click = next_click(prediction, truth, self.rng)
+                if click is None:
+                    break
+                clicks.append(Click(click.label, click.voxel))
+                maps = click_maps(clicks, truth.shape, self.config.click_sigma_voxels)
+                with torch.inference_mode():
+                    prediction = (net(_tensor(np.concatenate([images, maps]), self.device)) > 0)[0, 0].cpu().numpy()
+        maps = click_maps(clicks, truth.shape, self.config.click_sigma_voxels)
+        return lambda: self.loss(net(_tensor(np.concatenate([images, maps]), self.device)), target)
+
+    # -- validation -------------------------------------------------------------------
+    def segmenter(self, net: UNet, fold: int) -> Segmenter:
+        stages = {"initial": [net]} if self.stage == "initial" else {self.stage: [net]}
+        if self.stage == "refinement":
+            stages["initial"] = [self.initial_nets[fold]]
+        checkpoint = LoadedCheckpoint(
+            method=self.method, architecture=self.config.architecture, grid_shape=self.config.grid_shape,
+            spacing_mm=self.config.spacing_mm, click_sigma_voxels=self.config.click_sigma_voxels,
+            stages=stages, digest="training", description="",
+        )
+        if self.stage == "refinement":
+            return Engine(checkpoint, self.device)
+        if self.stage == "initial":
+            return NonInteractive(checkpoint, self.device)
+        return ClickGuided(checkpoint, self.device)
+
+    def validate(self, net: UNet, fold: int, cases: Sequence[PreparedCase]) -> float:
+        """Mean DSC over 0..val_clicks clicks (0 clicks for an initial net)."""
+        net.eval()
+        clicks = 0 if self.stage == "initial" else self.config.val_clicks
+        segmenter = self.segmenter(net, fold)
+        scores = [
+            float(np.mean(interaction_curve(segmenter, case, np.random.default_rng([fold, n]), max_clicks=clicks).dsc))
+            for n, case in enumerate(cases)
+        ]
+        net.train()
+        return float(np.mean(scores))
+
+
+def _optimiser(net: UNet, config: TrainConfig, steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return optimiser, torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(steps, 1), eta_min=0.0)
+
+
+def fit(
+    trainer: StageTrainer,
+    member: Member,
+    fold: int,
+    train_cases: Sequence[PreparedCase],
+    val_cases: Sequence[PreparedCase],
+    steps: int,
+    state_path: Path,
+    label: str,
+) -> Member:
+    """Optimise for ``steps`` steps, validating every ``val_every``; resumable from ``state_path``."""
+    config = trainer.config
+    optimiser, schedule = _optimiser(member.net, config, steps)
+    done, stale = 0, 0
+    if state_path.exists():
+        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        member.net.load_state_dict(saved["net"])
+        optimiser.load_state_dict(saved["optimiser"])
+        schedule.load_state_dict(saved["schedule"])
+        done, stale = saved["step"], saved["stale"]
+        member.best_state, member.best_metric, member.history = saved["best_state"], saved["best_metric"], saved["history"]
+        trainer.rng = saved["rng"]
+    member.net.to(trainer.device).train()
+    bar = tqdm(total=steps, initial=done, desc=label, unit="step", dynamic_ncols=True)
+    losses: list[float] = []
+    while done < steps and stale < config.patience:
+        for closure in trainer.steps(member.net, fold, train_cases):
+            if done >= steps:
+                break
+            optimiser.zero_grad()
+            loss = closure()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            done += 1
+            losses.append(loss.item())
+            bar.update(1)
+            if done % config.val_every == 0 or done == steps:
+                entry = {"step": done, "loss": float(np.mean(losses))}
+                if val_cases:  # a warm start has no validation: it keeps its last state
+                    metric = trainer.validate(member.net, fold, val_cases)
+                    entry["val_dsc"] = metric
+                    if metric > member.best_metric:
+                        member.best_metric, stale = metric, 0
+                        member.best_state = copy.deepcopy(member.net.state_dict())
+                    else:
+                        stale += 1
+                member.history.append(entry)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k != "step"})
+                losses = []
+                torch.save(
+                    {"net": member.net.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
+                     "step": done, "stale": stale, "best_state": member.best_state, "best_metric": member.best_metric,
+                     "history": member.history, "rng": trainer.rng},
+                    state_path,
+                )
+                if stale >= config.patience:
+                    break
+    bar.close()
+    if member.best_state is not None:
+        member.net.load_state_dict(member.best_state)
+    return member
+
+
+def train_stage(
+    method: str,
+    stage: str,
+    config: TrainConfig,
+    folds: list[dict[str, list[str]]],
+    prepared: dict[str, PreparedCase],
+    device: torch.device,
+    seed: int,
+    state_dir: Path,
+    initial_members: list[UNet] | None = None,
+) -> tuple[list[UNet], list[dict]]:
+    trainer = StageTrainer(method, stage, config, device, seed)
+    if initial_members is not None:
+        trainer.initial_nets = {f: net.to(device).eval() for f, net in enumerate(initial_members)}
+    every = sorted({i for fold in folds for i in fold["train"] + fold["val"]})
+    torch.manual_seed(seed)
+    start = build_unet(STAGE_CHANNELS[stage], config.architecture)
+    if config.base_steps > 0:  # a refinement warm start learns on fold 0's initial net
+        base = fit(trainer, Member(start), 0, [prepared[i] for i in every], [],
+                   config.base_steps, state_dir / f"{stage}-base.pt", f"{method} {stage} base")
+        start = base.net
+    members, reports = [], []
+    for index, fold in enumerate(folds):
+        steps = config.member_steps or (config.epochs or 1) * len(fold["train"])
+        trainer.rng = np.random.default_rng([seed, index])
+        member = fit(trainer, Member(copy.deepcopy(start)), index, [prepared[i] for i in fold["train"]],
+                     [prepared[i] for i in fold["val"]], steps, state_dir / f"{stage}-{index}.pt",
+                     f"{method} {stage} {index + 1}/{len(folds)}")
+        members.append(member.net.cpu().eval())
+        reports.append({"fold": index, "best_val_dsc": member.best_metric, "history": member.history})
+    return members, reports
+
+
+def train(
+    method: str,
+    data_dir: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    *,
+    seed: int = 0,
+    device: torch.device,
+    case_ids: list[str] | None = None,
+    folds_path: Path | None = None,
+    cache_dir: Path | None = None,
+    command: str = "",
+) -> Path:
+    """Train every stage of ``method``; writes ``out_dir/weights`` (checkpoint) and ``training.json``."""
+    started = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = find_cases(data_dir)
+    if case_ids is not None:
+        cases = select(cases, case_ids)
+    if not cases:
+        raise ValueError(f"no cases found under {data_dir}")
+    ids = [c.id for c in cases]
+    if folds_path is not None:
+        folds = read_folds(folds_path)
+    else:
+        folds = make_folds(ids, min(config.folds, len(ids)), seed) if len(ids) > 1 else [{"train": ids, "val": []}]
+    write_folds(out_dir / "folds.json", folds)
+    prepared = {c.id: load_prepared(c, config.grid_shape, config.spacing_mm, cache_dir) for c in tqdm(cases, desc="preparing cases")}
+    state_dir = out_dir / "state"
+    state_dir.mkdir(exist_ok=True)
+    stages: dict[str, list[UNet]] = {}
+    reports: dict[str, list[dict]] = {}
+    for stage in METHOD_STAGES[method]:
+        stages[stage], reports[stage] = train_stage(
+            method, stage, config, folds, prepared, device, seed, state_dir,
+            initial_members=stages.get("initial") if stage == "refinement" else None,
+        )
+    description = (
+        f"{method}, '{config.name}' configuration, {len(ids)} training cases from {data_dir.name}, "
+        f"seed {seed}. Command: {command or 'icr train'}"
+    )
+    weights = out_dir / "weights"
+    write_checkpoint(
+        weights, stages, method=method, architecture=config.architecture, grid_shape=config.grid_shape,
+        spacing_mm=config.spacing_mm, click_sigma_voxels=config.click_sigma_voxels, description=description,
+        dtype=getattr(torch, config.save_dtype),
+    )
+    summary = {
+        "method": method, "config": {**asdict(config), "architecture": config.architecture.to_dict()},
+        "seed": seed, "cases": ids, "folds": folds, "device": str(device), "seconds": round(time.time() - started, 1),
+        "command": command, "stages": reports,
+    }
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return weights
+
+
+# -- command line ---------------------------------------------------------------------
+def _run(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    config = CONFIGS[args.config]
+    overrides = {k: v for k, v in (("base_steps", args.base_steps), ("member_steps", args.steps),
+                                   ("p_drop", args.p_drop), ("folds", args.folds)) if v is not None}
+    config = replace(config, **overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    weights = train(
+        args.method, Path(args.data), Path(args.out), config, seed=args.seed, device=resolve_device(args.device),
+        case_ids=read_case_list(Path(args.cases)) if args.cases else None,
+        folds_path=Path(args.folds_file) if args.folds_file else None,
+        cache_dir=Path(args.cache) if args.cache else Path(args.out) / "cache",
+        command=shlex.join(["icr", *sys.argv[1:]]),
+    )
+    print(f"checkpoint written to {weights}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("train", help="train a method's five-member ensemble(s) into a checkpoint")
+    parser.add_argument("--method", choices=METHODS, required=True)
+    parser.add_argument("--data", required=True, help="folder of cases (HECKTOR 2021 / 2022 layout or phantoms)")
+    parser.add_argument("--out", required=True, help="output folder: weights/, folds.json, training.json, state/")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="reduced")
+    parser.add_argument("--cases", help="file listing the case ids to use (default: all found)")
+    parser.add_argument("--folds-file", help="folds.json to reuse (default: a seeded k-fold split, written to --out)")
+    parser.add_argument("--folds", type=int, help="number of folds = ensemble members (default 5)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per member (overrides the configuration)")
+    parser.add_argument("--base-steps", type=int, help="steps of the shared warm start (0: none)")
+    parser.add_argument("--p-drop", type=float, help="mask dropout probability for 2S-ICR refinement (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, help="CPU threads")
+    parser.add_argument("--cache", help="folder for prepared cases (default OUT/cache)")
+    parser.set_defaults(run=_run)

@@ -1,0 +1,129 @@
+"""Click encoding, ensemble math, the memory input, and checkpoint verification."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.apps.deepgrow.transforms import AddGuidanceSignald
+
+from service.engine.checkpoints import CheckpointError, load_checkpoint, write_checkpoint
+from service.engine.clicks import click_maps
+from service.engine.ensemble import Engine, Ensemble
+from service.engine.networks import INITIAL_CHANNELS, REFINEMENT_CHANNELS, Architecture, build_unet
+from service.store.contract import Click
+
+TINY = Architecture(channels=(4, 8, 16), strides=(1, 2), num_res_units=1)
+
+
+def test_click_maps_are_monai_guidance_signals() -> None:
+    clicks = [Click("foreground", (5, 6, 7)), Click("foreground", (12, 3, 9)), Click("background", (1, 14, 2))]
+    ours = click_maps(clicks, (16, 16, 16), sigma=3.0)
+    guidance = [[[5, 6, 7], [12, 3, 9]], [[1, 14, 2]]]
+    monai = AddGuidanceSignald(image="image", guidance="guidance", sigma=3, number_intensity_ch=1)(
+        {"image": np.zeros((1, 16, 16, 16), np.float32), "guidance": guidance}
+    )["image"][1:]
+    np.testing.assert_allclose(ours, monai, atol=1e-6)
+    assert ours[0][5, 6, 7] == pytest.approx(1.0) and ours[1][1, 14, 2] == pytest.approx(1.0)
+    assert ours.min() >= 0.0 and ours.max() <= 1.0
+
+
+def test_a_sign_without_clicks_is_zero() -> None:
+    maps = click_maps([Click("background", (3, 3, 3))], (8, 8, 8))
+    assert not maps[0].any() and maps[1].max() == pytest.approx(1.0)
+    assert not click_maps([], (8, 8, 8)).any()
+
+
+def test_ensemble_probability_is_the_mean_of_member_sigmoids() -> None:
+    torch.manual_seed(3)
+    members = [build_unet(INITIAL_CHANNELS, TINY).eval() for _ in range(3)]
+    inputs = np.random.default_rng(0).normal(size=(2, 12, 12, 12)).astype(np.float32)
+    with torch.no_grad():
+        expected = np.mean([torch.sigmoid(m(torch.from_numpy(inputs)[None]))[0, 0].numpy() for m in members], axis=0)
+    np.testing.assert_allclose(Ensemble(members, torch.device("cpu")).probability(inputs), expected, atol=1e-6)
+
+
+class _Probe(torch.nn.Module):
+    """Records what it is given; answers logits 0 (probability 0.5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        self.seen.append(batch.clone())
+        return torch.zeros(batch.shape[0], 1, *batch.shape[2:])
+
+
+def test_refinement_members_all_get_images_memory_and_every_click() -> None:
+    probes = [_Probe(), _Probe()]
+    engine = Engine.__new__(Engine)
+    engine.checkpoint = type("C", (), {"click_sigma_voxels": 3.0, "grid_shape": (8, 8, 8)})()
+    engine.device = torch.device("cpu")
+    engine.refinement = Ensemble(probes, engine.device)  # type: ignore[arg-type]
+    images = np.random.default_rng(1).normal(size=(2, 8, 8, 8)).astype(np.float32)
+    previous = np.random.default_rng(2).random((8, 8, 8)).astype(np.float32)
+    clicks = [Click("foreground", (1, 2, 3)), Click("background", (6, 6, 6))]
+    probability = engine.refine(images, previous, clicks)
+    np.testing.assert_allclose(probability, 0.5)
+    for probe in probes:
+        (batch,) = probe.seen
+        assert batch.shape == (1, REFINEMENT_CHANNELS, 8, 8, 8)
+        np.testing.assert_allclose(batch[0, :2].numpy(), images)
+        np.testing.assert_allclose(batch[0, 2].numpy(), previous)
+        np.testing.assert_allclose(batch[0, 3:].numpy(), click_maps(clicks, (8, 8, 8)), atol=1e-6)
+
+
+def _checkpoint(directory: Path) -> Path:
+    torch.manual_seed(0)
+    stages = {"initial": [build_unet(INITIAL_CHANNELS, TINY)], "refinement": [build_unet(REFINEMENT_CHANNELS, TINY)]}
+    write_checkpoint(directory, stages, architecture=TINY, grid_shape=(16, 16, 16))
+    return directory
+
+
+def test_checkpoint_round_trip_keeps_weights(tmp_path: Path) -> None:
+    loaded = load_checkpoint(_checkpoint(tmp_path))
+    torch.manual_seed(0)
+    original = build_unet(INITIAL_CHANNELS, TINY)
+    for name, value in original.state_dict().items():
+        torch.testing.assert_close(loaded.stages["initial"][0].state_dict()[name], value)
+    assert loaded.grid_shape == (16, 16, 16) and loaded.method == "2s-icr"
+
+
+def test_missing_corrupt_and_mismatched_checkpoints_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        load_checkpoint(tmp_path / "nowhere")
+    directory = _checkpoint(tmp_path / "ok")
+    member = directory / "refinement-0.pt"
+    damaged = bytearray(member.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    member.write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(directory)
+
+    directory = _checkpoint(tmp_path / "wide")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["architecture"]["channels"] = [8, 16, 32]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(directory)
+
+    (directory / "initial-0.pt").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(directory)
+    (directory / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(directory)
+
+
+def test_service_refuses_to_start_on_bad_weights(tmp_path: Path) -> None:
+    env = {"ICR_WEIGHTS": str(tmp_path / "absent"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", "1"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "cannot start" in result.stderr and "no manifest.json" in result.stderr
