@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import zlib
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from service.imaging.nifti import write_nifti
 from tests.api.conftest import Service
 
 SECRET_NAME = "Doe-Jane-1961-private.nii.gz"

@@ -1,0 +1,73 @@
+"""A tiny training run learns, and writes a checkpoint the service serves."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.engine.checkpoints import load_checkpoint
+from service.engine.loading import load_engine
+from service.science.dataset import find_cases, load_prepared
+from service.science.phantoms import write_cases
+from service.science.training import CONFIGS, Member, StageTrainer, fit, train
+from service.engine.networks import INITIAL_CHANNELS, build_unet
+from service.settings import Settings
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("phantoms")
+    write_cases(directory, 2, seed=11)
+    return directory
+
+
+def test_fitting_lowers_the_loss(phantom_dir: Path, tmp_path: Path) -> None:
+    config = replace(CONFIGS["tiny"], lr=3e-3, val_every=5)
+    case = load_prepared(find_cases(phantom_dir)[0], config.grid_shape, config.spacing_mm)
+    torch.manual_seed(0)
+    net = build_unet(INITIAL_CHANNELS, config.architecture)
+    trainer = StageTrainer("unet", "initial", config, CPU, seed=0)
+    batch = torch.from_numpy(case.images)[None]
+    target = torch.from_numpy(case.truth[None, None].astype(np.float32))
+
+    def loss() -> float:
+        net.eval()
+        with torch.no_grad():
+            value = float(trainer.loss(net(batch), target))
+        net.train()
+        return value
+
+    before = loss()
+    fit(trainer, Member(net), 0, [case], [case], 30, tmp_path / "state.pt", "test")
+    assert loss() < before - 0.05
+
+
+def test_training_writes_a_checkpoint_the_service_loads(phantom_dir: Path, tmp_path: Path) -> None:
+    config = replace(CONFIGS["tiny"], member_steps=4, val_every=2)
+    weights = train("2s-icr", phantom_dir, tmp_path / "run", config, device=CPU, seed=5)
+    summary = json.loads((tmp_path / "run" / "training.json").read_text())
+    assert summary["method"] == "2s-icr" and len(summary["folds"]) == 2
+    assert set(summary["stages"]) == {"initial", "refinement"}
+    assert all("val_dsc" in step for member in summary["stages"]["refinement"] for step in member["history"])
+    checkpoint = load_checkpoint(weights)
+    assert len(checkpoint.stages["initial"]) == len(checkpoint.stages["refinement"]) == 2
+    engine = load_engine(Settings(weights=weights, device="cpu"))
+    case = load_prepared(find_cases(phantom_dir)[0], checkpoint.grid_shape, checkpoint.spacing_mm)
+    probability = engine.initial_probability(case.images)
+    assert probability.shape == checkpoint.grid_shape
+    # a second run of the same command resumes from the saved state instead of starting over
+    again = train("2s-icr", phantom_dir, tmp_path / "run", config, device=CPU, seed=5)
+    assert again == weights
+
+
+def test_baselines_train_their_single_interactive_stage(phantom_dir: Path, tmp_path: Path) -> None:
+    config = replace(CONFIGS["tiny"], member_steps=2, val_every=2, folds=2)
+    checkpoint = load_checkpoint(train("deepedit-25", phantom_dir, tmp_path / "de", config, device=CPU), method=None)
+    assert checkpoint.method == "deepedit-25" and set(checkpoint.stages) == {"interactive"}
