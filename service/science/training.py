@@ -36,7 +36,13 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from tqdm import tqdm
 
-from service.engine.checkpoints import METHOD_STAGES, STAGE_CHANNELS, LoadedCheckpoint, write_checkpoint
+from service.engine.checkpoints import (
+    METHOD_STAGES,
+    STAGE_CHANNELS,
+    LoadedCheckpoint,
+    load_checkpoint,
+    write_checkpoint,
+)
 from service.engine.clicks import DEFAULT_SIGMA_VOXELS, click_maps
 from service.engine.ensemble import Engine, resolve_device
 from service.engine.networks import PAPER_ARCHITECTURE, Architecture, build_unet
@@ -333,6 +339,7 @@ def train(
     folds_path: Path | None = None,
     cache_dir: Path | None = None,
     command: str = "",
+    initial_from: Path | None = None,
 ) -> Path:
     """Train every stage of ``method``; writes ``out_dir/weights`` (checkpoint) and ``training.json``."""
     started = time.time()
@@ -353,7 +360,11 @@ def train(
     state_dir.mkdir(exist_ok=True)
     stages: dict[str, list[UNet]] = {}
     reports: dict[str, list[dict]] = {}
+    if initial_from is not None:
+        stages["initial"], reports["initial"] = _frozen_initial(initial_from, config, len(folds))
     for stage in METHOD_STAGES[method]:
+        if stage in stages:
+            continue
         stages[stage], reports[stage] = train_stage(
             method, stage, config, folds, prepared, device, seed, state_dir,
             initial_members=stages.get("initial") if stage == "refinement" else None,
@@ -377,6 +388,19 @@ def train(
     return weights
 
 
+def _frozen_initial(directory: Path, config: TrainConfig, folds: int) -> tuple[list[UNet], list[dict]]:
+    """A trained initial ensemble to refine on (e.g. for a refinement-only ablation)."""
+    checkpoint = load_checkpoint(directory, method=None)
+    if "initial" not in checkpoint.stages:
+        raise ValueError(f"{directory} has no initial stage")
+    if checkpoint.grid_shape != config.grid_shape or checkpoint.spacing_mm != config.spacing_mm:
+        raise ValueError(f"{directory} was trained on another grid than the '{config.name}' configuration")
+    members = checkpoint.stages["initial"]
+    if len(members) != folds:
+        raise ValueError(f"{directory} has {len(members)} initial members for {folds} folds")
+    return members, [{"reused_from": str(directory), "digest": checkpoint.digest}]
+
+
 # -- command line ---------------------------------------------------------------------
 def _run(args: argparse.Namespace) -> int:
     import shlex
@@ -394,6 +418,7 @@ def _run(args: argparse.Namespace) -> int:
         folds_path=Path(args.folds_file) if args.folds_file else None,
         cache_dir=Path(args.cache) if args.cache else Path(args.out) / "cache",
         command=shlex.join(["icr", *sys.argv[1:]]),
+        initial_from=Path(args.initial_from) if args.initial_from else None,
     )
     print(f"checkpoint written to {weights}")
     return 0
@@ -411,6 +436,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps per member (overrides the configuration)")
     parser.add_argument("--base-steps", type=int, help="steps of the shared warm start (0: none)")
     parser.add_argument("--p-drop", type=float, help="mask dropout probability for 2S-ICR refinement (default 0.2)")
+    parser.add_argument("--initial-from", help="2s-icr: reuse this checkpoint's initial ensemble (frozen) and train only the refinement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, help="CPU threads")
