@@ -98,7 +98,8 @@ def _gunzip(data: bytes, *, role: str, limit: int) -> bytes:
     declared = int.from_bytes(data[-4:], "little")
     if declared > limit:
         raise ImageError(
-            f"{role}: declares {declared} bytes when decompressed, over the limit of {limit}"
+            f"{role}: gzip trailer declares {declared} bytes when decompressed, over the limit "
+            f"of {limit} (or the upload was cut short)"
         )
     chunks: list[bytes] = []
     produced = 0

@@ -58,7 +58,8 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
+def stop(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, as an orchestrator sends it; the exit code (killed after 30 s if it hangs)."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -66,6 +67,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    return process.returncode
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 90) -> None:

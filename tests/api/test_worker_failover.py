@@ -86,6 +86,8 @@ def test_killed_worker_job_completes_once_on_another(
                             headers={"Idempotency-Key": "only-once"})
         assert retry.json()["version"] == 1
         assert client.get(f"/v1/sessions/{sid}").json()["version"] == 1
+        assert stop(survivor) == 0  # SIGTERM: a clean exit
+        assert "worker survivor stopped" in (tmp_path / "survivor.log").read_text()
     finally:
         for process in (survivor, doomed, api):
             if process is not None:
