@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,6 +23,18 @@ class Settings(BaseSettings):
     weights: Path = Field(DEMO_WEIGHTS, description="Checkpoint directory (manifest.json + members).")
     device: str = Field("auto", description="'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when present).")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for inference; default: torch's.")
+    refine_window: int | None = Field(
+        None,
+        ge=8,
+        description="Windowed refinement: recompute only a cube of this many voxels per edge around the new "
+        "click(s). Changes results (see docs/performance.md); unset: exact full-volume refinement.",
+    )
+    refine_margin: int = Field(
+        16, ge=0, description="Voxels per side of the refinement window whose outputs are discarded (no seams)."
+    )
+    cuda_autocast: Literal["off", "float16", "bfloat16"] = Field(
+        "off", description="Reduced-precision inference on CUDA (ignored on CPU). Changes results slightly."
+    )
     api_keys: SecretStr | None = Field(
         None, description="Comma-separated API keys; when set, a bearer key is required and owns its sessions."
     )

@@ -1,10 +1,16 @@
 """Click encoding: MONAI's DeepGrow/DeepEdit guidance signal.
 
 Each sign (foreground, background) gets one channel: 1 at every click voxel, then
-MONAI's GaussianFilter (sigma in working-grid voxels, truncated at 4 sigma, zero
-padding) and per-channel min-max scaling to [0, 1]; a sign without clicks stays 0.
-The default sigma is DeepEdit's (3 voxels = 3 mm on the 1 mm working grid); the
-checkpoint manifest records the sigma a model was trained with.
+MONAI's GaussianFilter (sigma in working-grid voxels, truncated at 4 sigma, erf
+kernel, zero padding) and per-channel min-max scaling to [0, 1]; a sign without
+clicks stays 0. The default sigma is DeepEdit's (3 voxels = 3 mm on the 1 mm working
+grid); the checkpoint manifest records the sigma a model was trained with.
+
+:func:`click_maps` computes exactly that without filtering the whole volume: the
+filter of a one-voxel delta is the outer product of MONAI's 1-D kernel, so each click
+adds a small ball (milliseconds instead of about 0.7 s on a 144^3 grid).
+:func:`reference_click_maps` runs MONAI's filter itself, as a plain inference server
+would; the two agree to 1e-6 (tested), and the benchmark's baseline uses the latter.
 """
 
 from __future__ import annotations
@@ -14,15 +20,53 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from monai.networks.layers import GaussianFilter
+from monai.networks.layers.convutils import gaussian_1d
 
 from service.store.contract import Click
 
 DEFAULT_SIGMA_VOXELS = 3.0
 SIGNS = ("foreground", "background")
+GAUSSIAN_TRUNCATION = 4.0  # MONAI GaussianFilter's default, in sigmas
+
+
+def click_kernel(sigma: float) -> np.ndarray:
+    """MONAI's 1-D Gaussian kernel for ``sigma`` voxels, as its GaussianFilter builds it."""
+    return gaussian_1d(torch.tensor(float(sigma)), truncated=GAUSSIAN_TRUNCATION, approx="erf").numpy()
+
+
+def _add_ball(signal: np.ndarray, voxel: Sequence[int], kernel: np.ndarray) -> None:
+    """Add the kernel's outer product centred on ``voxel``, clipped to the volume (zero padding)."""
+    tail = kernel.size // 2
+    target: list[slice] = []
+    factors: list[np.ndarray] = []
+    for centre, size in zip(voxel, signal.shape):
+        low, high = max(centre - tail, 0), min(centre + tail + 1, size)
+        target.append(slice(low, high))
+        factors.append(kernel[low - centre + tail : high - centre + tail])
+    signal[tuple(target)] += factors[0][:, None, None] * factors[1][None, :, None] * factors[2][None, None, :]
 
 
 def click_maps(clicks: Sequence[Click], shape: Sequence[int], sigma: float = DEFAULT_SIGMA_VOXELS) -> np.ndarray:
     """(2, *shape) float32: positive-click map, negative-click map."""
+    kernel = click_kernel(sigma)
+    out = np.zeros((len(SIGNS), *shape), dtype=np.float32)
+    for channel, sign in enumerate(SIGNS):
+        voxels = {tuple(int(v) for v in c.voxel) for c in clicks if c.label == sign}  # a repeated voxel is one delta
+        if not voxels:
+            continue
+        signal = out[channel]
+        for voxel in sorted(voxels):
+            _add_ball(signal, voxel, kernel)
+        low, high = float(signal.min()), float(signal.max())
+        signal -= low
+        signal /= high - low
+    return out
+
+
+def reference_click_maps(
+    clicks: Sequence[Click], shape: Sequence[int], sigma: float = DEFAULT_SIGMA_VOXELS
+) -> np.ndarray:
+    """The same maps through MONAI's GaussianFilter over the whole volume."""
     maps = torch.zeros((2, 1, *shape), dtype=torch.float32)
     for click in clicks:
         maps[SIGNS.index(click.label), 0][tuple(click.voxel)] = 1.0

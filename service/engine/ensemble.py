@@ -3,6 +3,10 @@
 Ensemble probability = mean of the members' sigmoids; every refinement member gets
 the same inputs: CT, PET, the previous *ensemble* probability (the system's last
 output) and the click maps of all clicks so far. Mask = probability > 0.5.
+
+By default the engine computes exactly that, full volume, float32. The optional fast paths of
+:mod:`service.engine.fastpath` (a refinement window, CUDA autocast) change results
+and are off unless configured.
 """
 
 from __future__ import annotations
@@ -17,6 +21,14 @@ from monai.networks.nets import UNet
 
 from service.engine.checkpoints import LoadedCheckpoint
 from service.engine.clicks import click_maps
+from service.engine.fastpath import (
+    DEFAULT_REFINE_MARGIN,
+    Window,
+    WindowPlan,
+    autocast_dtype,
+    downsampling_factor,
+    inference,
+)
 from service.store.contract import Click
 
 # One forward pass at a time per device: concurrent passes only fight for memory and cores.
@@ -41,36 +53,86 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class Ensemble:
+    """Members run back to back on one device; ``autocast`` (CUDA only) lowers their precision."""
+
     members: list[UNet]
     device: torch.device
+    autocast: torch.dtype | None = None
 
     def probability(self, inputs: np.ndarray) -> np.ndarray:
         """(C, D, H, W) inputs -> (D, H, W) float32 mean of member sigmoids."""
         batch = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))[None].to(self.device)
         total = torch.zeros(batch.shape[2:], dtype=torch.float32, device=self.device)
-        with device_lock(self.device), torch.inference_mode():
+        with device_lock(self.device), inference(self.device, self.autocast):
             for member in self.members:
                 total += torch.sigmoid(member(batch))[0, 0].float()
         return (total / len(self.members)).cpu().numpy()
 
 
 class Engine:
-    """Both stages of a checkpoint on one device."""
+    """Both stages of a checkpoint on one device.
 
-    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device) -> None:
+    ``refine_window`` (voxels per edge; None = exact full-volume refinement) turns on
+    windowed refinement with ``refine_margin`` voxels discarded per side;
+    ``autocast`` ('float16'/'bfloat16', CUDA only, else ignored) lowers precision.
+    """
+
+    window_plan: WindowPlan | None = None  # None: every refinement is the exact full-volume pass
+
+    def __init__(
+        self,
+        checkpoint: LoadedCheckpoint,
+        device: torch.device,
+        *,
+        refine_window: int | None = None,
+        refine_margin: int = DEFAULT_REFINE_MARGIN,
+        autocast: str | None = None,
+    ) -> None:
         self.checkpoint = checkpoint
         self.device = device
-        self.initial = Ensemble([m.to(device) for m in checkpoint.stages["initial"]], device)
-        self.refinement = Ensemble([m.to(device) for m in checkpoint.stages["refinement"]], device)
+        precision = autocast_dtype(autocast, device)
+        self.initial = Ensemble([m.to(device) for m in checkpoint.stages["initial"]], device, precision)
+        self.refinement = Ensemble([m.to(device) for m in checkpoint.stages["refinement"]], device, precision)
+        self.window_plan = (
+            None
+            if refine_window is None
+            else WindowPlan(refine_window, refine_margin, downsampling_factor(checkpoint.architecture.strides))
+        )
 
     @property
     def grid_shape(self) -> tuple[int, int, int]:
         return self.checkpoint.grid_shape
 
+    @property
+    def precision(self) -> str:
+        """The dtype the networks compute in: float32 unless autocast is on."""
+        dtype = self.refinement.autocast
+        return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
     def initial_probability(self, images: np.ndarray) -> np.ndarray:
         return self.initial.probability(images)
 
-    def refine(self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
+    def refine(
+        self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None
+    ) -> np.ndarray:
+        """The refinement ensemble's probability given all ``clicks`` so far.
+
+        ``new_clicks``: how many trailing clicks ``previous`` does not reflect yet; the
+        refinement window (when configured) is placed around those. None: all of them,
+        which is always safe but widens the window as clicks accumulate.
+        """
         guidance = click_maps(clicks, previous.shape, self.checkpoint.click_sigma_voxels)
-        inputs = np.concatenate([images, previous[None], guidance], axis=0)
-        return self.refinement.probability(inputs)
+        window = self._window(clicks, new_clicks, previous.shape)
+        if window is None:
+            return self.refinement.probability(np.concatenate([images, previous[None], guidance], axis=0))
+        box = (slice(None), *window.inputs)
+        inputs = np.concatenate([images[box], previous[None][box], guidance[box]], axis=0)
+        result = np.array(previous, dtype=np.float32, copy=True)
+        result[window.kept] = self.refinement.probability(inputs)[window.kept_in_window]
+        return result
+
+    def _window(self, clicks: Sequence[Click], new_clicks: int | None, shape: Sequence[int]) -> Window | None:
+        if self.window_plan is None or not clicks:
+            return None
+        recent = clicks if new_clicks is None or not 0 < new_clicks <= len(clicks) else clicks[-new_clicks:]
+        return self.window_plan.around((c.voxel for c in recent), shape)

@@ -19,9 +19,21 @@ def load_engine(settings: Settings) -> Engine:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     checkpoint = load_checkpoint(settings.weights)
+    try:
+        engine = Engine(
+            checkpoint,
+            device,
+            refine_window=settings.refine_window,
+            refine_margin=settings.refine_margin,
+            autocast=settings.cuda_autocast,
+        )
+    except ValueError as error:  # a window that does not fit the network: the operator must fix the setting
+        raise RuntimeError(f"invalid fast-path settings: {error}") from error
     log.info(
-        "loaded %d initial + %d refinement members from %s onto %s (grid %s)",
+        "loaded %d initial + %d refinement members from %s onto %s (grid %s, %s, refinement %s)",
         len(checkpoint.stages["initial"]), len(checkpoint.stages["refinement"]),
-        settings.weights, device, checkpoint.grid_shape,
+        settings.weights, device, checkpoint.grid_shape, engine.precision,
+        "exact" if engine.window_plan is None
+        else f"windowed {engine.window_plan.size}^3, margin {engine.window_plan.margin}",
     )
-    return Engine(checkpoint, device)
+    return engine

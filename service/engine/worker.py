@@ -153,8 +153,10 @@ class Worker:
             probability = self.engine.initial_probability(images)
             parent = None
         else:
+            base = self.store.get_version(job.session_id, job.base_version)
             previous = decode_array(self.store.load_probability(job.session_id, job.base_version))
-            probability = self.engine.refine(images, previous, job.clicks)
+            new_clicks = len(job.clicks) - len(base.clicks)  # a refinement window goes around these
+            probability = self.engine.refine(images, previous, job.clicks, new_clicks=new_clicks)
             parent = job.base_version
         record = VersionRecord(
             version=version, parent=parent, clicks=job.clicks, job_id=job.id, probability_of=version
