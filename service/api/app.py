@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from service import __version__
 from service.api import problems
 from service.api.limits import BodyLimit
-from service.api.routes import health, sessions as session_routes
+from service.api.routes import health
+from service.api.routes import sessions as session_routes
 from service.api.sessions import Sessions
 from service.engine.ensemble import Engine
 from service.engine.loading import load_engine

@@ -36,10 +36,22 @@ from service.engine.checkpoints import CheckpointError
 from service.engine.ensemble import resolve_device
 from service.imaging.grid import WorkingGrid
 from service.imaging.volume import ImageError
-from service.science.dataset import Case, PreparedCase, find_cases, load_prepared, read_case_list, select
+from service.science.dataset import (
+    Case,
+    PreparedCase,
+    find_cases,
+    load_prepared,
+    read_case_list,
+    select,
+)
 from service.science.methods import Segmenter, load_segmenter
 from service.science.metrics import PAPER_MAX_CLICKS, dice, hd95
-from service.science.report import EvaluationConfig, MethodIdentity, choose_reference, write_report
+from service.science.report import (
+    EvaluationConfig,
+    MethodIdentity,
+    choose_reference,
+    write_report,
+)
 from service.science.simulator import ClickRule, next_click
 from service.store.contract import Click
 
@@ -159,7 +171,7 @@ def interaction_curve(
         if simulated is None:  # perfect mask: the user has nothing left to correct
             break
         clicks.append(Click(label=simulated.label, voxel=simulated.voxel))
-        probability = segmenter.refine(case.images, probability, tuple(clicks))
+        probability = segmenter.refine(case.images, probability, tuple(clicks), new_clicks=1)
         refined = probability > 0.5
         changed.append(int(np.count_nonzero(refined != mask)))
         mask = refined
@@ -245,11 +257,14 @@ def evaluate(
     device: str | torch.device = "auto",
     cache_dir: Path | str | None = None,
     reference: str | None = None,
+    refine_window: int | None = None,
+    refine_margin: int = 16,
 ) -> dict[str, MethodResult]:
     """Evaluate each named checkpoint on the same cases and write the report into ``out_dir``.
 
     Cases are prepared on each checkpoint's own working grid, one at a time (a 144^3
-    case is tens of MB), and cached under ``cache_dir`` when given.
+    case is tens of MB), and cached under ``cache_dir`` when given. ``refine_window``
+    evaluates 2S-ICR's windowed fast path instead of the exact refinement.
     """
     if not methods:
         raise EvaluationInputError("no methods to evaluate")
@@ -265,7 +280,7 @@ def evaluate(
     results: dict[str, MethodResult] = {}
     identities: dict[str, MethodIdentity] = {}
     for name, directory in tqdm(methods.items(), desc="methods", unit="method"):
-        segmenter = load_segmenter(directory, torch_device)
+        segmenter = load_segmenter(directory, torch_device, refine_window=refine_window, refine_margin=refine_margin)
         identities[name] = _identity(directory, segmenter)
         grid_shape, spacing = segmenter.checkpoint.grid_shape, segmenter.checkpoint.spacing_mm
         prepared = (load_prepared(case, grid_shape, spacing, cache) for case in cases)
@@ -338,6 +353,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             device=args.device,
             cache_dir=args.cache,
             reference=args.reference,
+            refine_window=args.refine_window,
+            refine_margin=args.refine_margin,
         )
     except (EvaluationInputError, CheckpointError, ImageError, FileNotFoundError) as error:
         log.error("evaluation failed: %s", error)
@@ -369,5 +386,9 @@ def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  
     parser.add_argument("--cache", type=Path, default=None, help="folder for prepared-case caches")
     parser.add_argument("--reference", default=None,
                         help="label tested against the others (default: '2s-icr' if given, else the first)")
+    parser.add_argument("--refine-window", type=_positive_int, default=None,
+                        help="2S-ICR: evaluate the windowed refinement fast path with this window edge (voxels)")
+    parser.add_argument("--refine-margin", type=_non_negative_int, default=16,
+                        help="voxels discarded per side of the refinement window")
     parser.set_defaults(run=_run_evaluate)
     return parser

@@ -27,7 +27,10 @@ class Segmenter(Protocol):
 
     def initial_probability(self, images: np.ndarray) -> np.ndarray: ...
 
-    def refine(self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click]) -> np.ndarray: ...
+    def refine(
+        self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None
+    ) -> np.ndarray:
+        """``new_clicks``: how many trailing clicks are new since ``previous`` (a hint for windowed paths)."""
 
 
 class NonInteractive:
@@ -38,7 +41,9 @@ class NonInteractive:
     def initial_probability(self, images: np.ndarray) -> np.ndarray:
         return self.ensemble.probability(images)
 
-    def refine(self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
+    def refine(
+        self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None
+    ) -> np.ndarray:
         return previous
 
 
@@ -56,14 +61,19 @@ class ClickGuided:
     def initial_probability(self, images: np.ndarray) -> np.ndarray:
         return self._run(images, ())
 
-    def refine(self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
+    def refine(
+        self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None
+    ) -> np.ndarray:
         return self._run(images, clicks)
 
 
-def load_segmenter(directory: Path | str, device: torch.device) -> Segmenter:
+def load_segmenter(
+    directory: Path | str, device: torch.device, *, refine_window: int | None = None, refine_margin: int = 16
+) -> Segmenter:
+    """The method a checkpoint holds; the refinement window applies to 2S-ICR only."""
     checkpoint = load_checkpoint(directory, method=None)
     if checkpoint.method == "2s-icr":
-        return Engine(checkpoint, device)
+        return Engine(checkpoint, device, refine_window=refine_window, refine_margin=refine_margin)
     if checkpoint.method == "unet":
         return NonInteractive(checkpoint, device)
     return ClickGuided(checkpoint, device)

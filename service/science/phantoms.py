@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import nibabel as nib
 import numpy as np

@@ -28,7 +28,6 @@ from service.store.contract import (
 )
 
 
-
 @dataclass
 class _Session:
     record: SessionRecord

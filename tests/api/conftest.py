@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import _free_port
+from service.bench.processes import free_port
 
 API_KEYS = ("key-alpha", "key-beta")
 
@@ -87,7 +87,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s:
 @pytest.fixture(scope="session")
 def embedded_service(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """`icr serve` with no Redis and API keys on."""
-    port = _free_port()
+    port = free_port()
     env = service_env(tiny_weights, ICR_API_KEYS=",".join(API_KEYS))
     log = tmp_path_factory.mktemp("embedded") / "serve.log"
     process = start(["serve", "--port", str(port)], env, log)
@@ -104,7 +104,7 @@ def redis_service(
     tiny_weights: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
     """`icr serve` as a pure API over Redis with one `icr worker`; auth off."""
-    port = _free_port()
+    port = free_port()
     env = service_env(tiny_weights, REDIS_URL=redis_url, ICR_REDIS_PREFIX="e2e")
     logs = tmp_path_factory.mktemp("redis-mode")
     api = start(["serve", "--port", str(port)], env, logs / "serve.log")

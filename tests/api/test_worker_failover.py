@@ -12,11 +12,16 @@ import pytest
 import redis
 import torch
 
+from service.bench.processes import free_port
 from service.engine.checkpoints import write_checkpoint
-from service.engine.networks import INITIAL_CHANNELS, REFINEMENT_CHANNELS, PAPER_ARCHITECTURE, build_unet
+from service.engine.networks import (
+    INITIAL_CHANNELS,
+    PAPER_ARCHITECTURE,
+    REFINEMENT_CHANNELS,
+    build_unet,
+)
 from service.store.redis_backend import GROUP
 from tests.api.conftest import service_env, start, stop, wait_ready
-from tests.conftest import _free_port
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +48,7 @@ def test_killed_worker_job_completes_once_on_another(
     slow_weights: Path, redis_url: str, redis_prefix: str, ct_pet_files: dict[str, Path], tmp_path: Path
 ) -> None:
     env = service_env(slow_weights, REDIS_URL=redis_url, ICR_REDIS_PREFIX=redis_prefix, ICR_CLAIM_IDLE_S="2")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     api = start(["serve", "--port", str(port)], env, tmp_path / "serve.log")
     doomed = start(["worker", "--name", "doomed"], env, tmp_path / "doomed.log")
@@ -97,7 +102,7 @@ def test_killed_worker_job_completes_once_on_another(
 def test_no_live_worker_is_503(tiny_weights: Path, redis_url: str, redis_prefix: str, ct_pet_files: dict[str, Path],
                                tmp_path: Path) -> None:
     env = service_env(tiny_weights, REDIS_URL=redis_url, ICR_REDIS_PREFIX=redis_prefix)
-    port = _free_port()
+    port = free_port()
     api = start(["serve", "--port", str(port)], env, tmp_path / "serve.log")
     try:
         url = f"http://127.0.0.1:{port}"

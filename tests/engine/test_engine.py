@@ -12,10 +12,19 @@ import pytest
 import torch
 from monai.apps.deepgrow.transforms import AddGuidanceSignald
 
-from service.engine.checkpoints import CheckpointError, load_checkpoint, write_checkpoint
+from service.engine.checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    write_checkpoint,
+)
 from service.engine.clicks import click_maps
 from service.engine.ensemble import Engine, Ensemble
-from service.engine.networks import INITIAL_CHANNELS, REFINEMENT_CHANNELS, Architecture, build_unet
+from service.engine.networks import (
+    INITIAL_CHANNELS,
+    REFINEMENT_CHANNELS,
+    Architecture,
+    build_unet,
+)
 from service.store.contract import Click
 
 TINY = Architecture(channels=(4, 8, 16), strides=(1, 2), num_res_units=1)

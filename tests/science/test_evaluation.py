@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from service.engine.checkpoints import write_checkpoint
-from service.engine.networks import INITIAL_CHANNELS, INTERACTIVE_CHANNELS, REFINEMENT_CHANNELS, Architecture, build_unet
+from service.engine.networks import (
+    INITIAL_CHANNELS,
+    INTERACTIVE_CHANNELS,
+    REFINEMENT_CHANNELS,
+    Architecture,
+    build_unet,
+)
 from service.imaging.grid import WorkingGrid
 from service.science.dataset import PreparedCase
 from service.science.evaluation import (
@@ -67,7 +73,9 @@ class TruthPainter:
         self.initial_calls += 1
         return self.initial.copy()
 
-    def refine(self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
+    def refine(
+        self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None
+    ) -> np.ndarray:
         newest, truth = clicks[-1], images[0] > 0.5
         ball = _ball(newest.voxel, self.radius, previous.shape)
         probability = previous.copy()

@@ -8,7 +8,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from service.science.phantoms import PhantomCase, case_ids, case_seed, make_case, write_cases
+from service.science.phantoms import (
+    PhantomCase,
+    case_ids,
+    case_seed,
+    make_case,
+    write_cases,
+)
 
 SEED = 3
 

@@ -12,10 +12,10 @@ import torch
 
 from service.engine.checkpoints import load_checkpoint
 from service.engine.loading import load_engine
+from service.engine.networks import INITIAL_CHANNELS, build_unet
 from service.science.dataset import find_cases, load_prepared
 from service.science.phantoms import write_cases
 from service.science.training import CONFIGS, Member, StageTrainer, fit, train
-from service.engine.networks import INITIAL_CHANNELS, build_unet
 from service.settings import Settings
 
 CPU = torch.device("cpu")

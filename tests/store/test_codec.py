@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.store.codec import decode_array, decode_mask, encode_array, encode_mask, encode_probability
+from service.store.codec import (
+    decode_array,
+    decode_mask,
+    encode_array,
+    encode_mask,
+    encode_probability,
+)
 
 
 def test_arrays_round_trip_losslessly() -> None:

@@ -1,0 +1,1 @@
+"""Shipped checkpoints (the demo ensemble in demo/)."""
