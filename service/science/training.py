@@ -88,6 +88,10 @@ class TrainConfig:
     folds: int = 5
     click_sigma_voxels: float = DEFAULT_SIGMA_VOXELS
     save_dtype: str = "float32"
+    # Start the refinement net from the trained initial net (extra input channels at
+    # zero): it begins by reproducing the initial mask and only has to learn to use
+    # memory and clicks. Not in the paper; it is what makes a CPU budget enough.
+    refinement_from_initial: bool = False
 
 
 CONFIGS = {
@@ -101,7 +105,7 @@ CONFIGS = {
     "reduced": TrainConfig(
         name="reduced", architecture=Architecture(channels=(8, 16, 32, 64, 128)), grid_shape=(64, 64, 64),
         spacing_mm=2.0, patch_shape=(48, 48, 48), lr=5e-4, base_steps=400, member_steps=60, val_every=30,
-        patience=4, save_dtype="float16",
+        patience=4, save_dtype="float16", refinement_from_initial=True,
     ),
     # A few steps on tiny volumes: for tests and smoke runs only.
     "tiny": TrainConfig(
@@ -294,6 +298,19 @@ def fit(
     return member
 
 
+def widen_inputs_from(net: UNet, source: UNet) -> None:
+    """Copy ``source``'s weights into ``net``; input channels ``source`` lacks get zero weights."""
+    target = net.state_dict()
+    for name, value in source.state_dict().items():
+        if value.shape == target[name].shape:
+            target[name] = value.clone()
+        else:  # the first layer's (out, in, ...) kernels: same outputs, more inputs
+            widened = torch.zeros_like(target[name])
+            widened[:, : value.shape[1]] = value
+            target[name] = widened
+    net.load_state_dict(target)
+
+
 def train_stage(
     method: str,
     stage: str,
@@ -311,6 +328,8 @@ def train_stage(
     every = sorted({i for fold in folds for i in fold["train"] + fold["val"]})
     torch.manual_seed(seed)
     start = build_unet(STAGE_CHANNELS[stage], config.architecture)
+    if stage == "refinement" and config.refinement_from_initial and initial_members:
+        widen_inputs_from(start, initial_members[0])
     if config.base_steps > 0:  # a refinement warm start learns on fold 0's initial net
         base = fit(trainer, Member(start), 0, [prepared[i] for i in every], [],
                    config.base_steps, state_dir / f"{stage}-base.pt", f"{method} {stage} base")

@@ -71,3 +71,16 @@ def test_baselines_train_their_single_interactive_stage(phantom_dir: Path, tmp_p
     config = replace(CONFIGS["tiny"], member_steps=2, val_every=2, folds=2)
     checkpoint = load_checkpoint(train("deepedit-25", phantom_dir, tmp_path / "de", config, device=CPU), method=None)
     assert checkpoint.method == "deepedit-25" and set(checkpoint.stages) == {"interactive"}
+
+
+def test_refinement_warm_start_reproduces_the_initial_net() -> None:
+    from service.engine.networks import REFINEMENT_CHANNELS
+    from service.science.training import widen_inputs_from
+
+    architecture = CONFIGS["tiny"].architecture
+    torch.manual_seed(2)
+    initial, refinement = build_unet(INITIAL_CHANNELS, architecture).eval(), build_unet(REFINEMENT_CHANNELS, architecture).eval()
+    widen_inputs_from(refinement, initial)
+    images, extra = torch.randn(1, 2, 16, 16, 16), torch.randn(1, 3, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(refinement(torch.cat([images, extra], 1)), initial(images), atol=1e-5, rtol=1e-4)
