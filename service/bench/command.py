@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 import torch
 
+from service.argtypes import positive_int
 from service.bench.http import HttpCase, bench_embedded, bench_redis, http_case
 from service.bench.paths import (
     bench_click_maps,
@@ -42,7 +43,7 @@ from service.bench.paths import (
     engine_paths,
 )
 from service.bench.report import format_table
-from service.bench.setup import choose_weights, int_list, machine, positive_int
+from service.bench.setup import choose_weights, int_list, machine
 from service.bench.stats import BenchError, peak_rss_mib
 from service.engine.checkpoints import (
     CheckpointError,

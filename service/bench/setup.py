@@ -38,13 +38,6 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def random_checkpoint(args: argparse.Namespace, directory: Path) -> Path:
     """Randomly initialised members of the requested architecture, written as a checkpoint the services can load."""
     architecture = Architecture(channels=args.channels, strides=args.strides, num_res_units=args.res_units)

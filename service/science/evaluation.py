@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from service.argtypes import non_negative_int, positive_int
 from service.engine.checkpoints import CheckpointError
 from service.engine.ensemble import resolve_device
 from service.imaging.grid import WorkingGrid
@@ -313,20 +314,6 @@ def _named_directory(text: str) -> tuple[str, Path]:
     return name.strip(), Path(directory.strip())
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _methods_from_arguments(pairs: Sequence[tuple[str, Path]]) -> dict[str, Path]:
     methods: dict[str, Path] = {}
     for name, directory in pairs:
@@ -377,8 +364,8 @@ def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  
         help="a label and a checkpoint directory; repeat for each method (the method type comes from its manifest)",
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for the report")
-    parser.add_argument("--max-clicks", type=_non_negative_int, default=PAPER_MAX_CLICKS)
-    parser.add_argument("--repetitions", type=_positive_int, default=PAPER_REPETITIONS)
+    parser.add_argument("--max-clicks", type=non_negative_int, default=PAPER_MAX_CLICKS)
+    parser.add_argument("--repetitions", type=positive_int, default=PAPER_REPETITIONS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rule", choices=[rule.value for rule in ClickRule], default=ClickRule.DEEPGROW.value,
                         help="click simulator weighting (deepgrow: MONAI's exp(d)-1; linear: the paper's text)")
@@ -386,9 +373,9 @@ def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  
     parser.add_argument("--cache", type=Path, default=None, help="folder for prepared-case caches")
     parser.add_argument("--reference", default=None,
                         help="label tested against the others (default: '2s-icr' if given, else the first)")
-    parser.add_argument("--refine-window", type=_positive_int, default=None,
+    parser.add_argument("--refine-window", type=positive_int, default=None,
                         help="2S-ICR: evaluate the windowed refinement fast path with this window edge (voxels)")
-    parser.add_argument("--refine-margin", type=_non_negative_int, default=16,
+    parser.add_argument("--refine-margin", type=non_negative_int, default=16,
                         help="voxels discarded per side of the refinement window")
     parser.set_defaults(run=_run_evaluate)
     return parser
