@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.bench import processes
 from service.bench.processes import free_port
 
 API_KEYS = ("key-alpha", "key-beta")
@@ -70,18 +70,9 @@ def stop(process: subprocess.Popen[bytes]) -> int:
     return process.returncode
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"service exited early:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"service not ready after {timeout_s} s:\n{log.read_text()[-3000:]}")
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Until /readyz answers 200; fails with the log's tail if the process exits first."""
+    processes.wait_ready(url, processes.Process("service", process, log))
 
 
 @pytest.fixture(scope="session")
