@@ -88,10 +88,13 @@ class TrainConfig:
     folds: int = 5
     click_sigma_voxels: float = DEFAULT_SIGMA_VOXELS
     save_dtype: str = "float32"
-    # Start the refinement net from the trained initial net (extra input channels at
-    # zero): it begins by reproducing the initial mask and only has to learn to use
-    # memory and clicks. Not in the paper; it is what makes a CPU budget enough.
-    refinement_from_initial: bool = False
+    # Start every click-taking net (the 2S-ICR refinement net, DeepGrow/DeepEdit) from
+    # a trained initial net (extra input channels at zero): it begins by reproducing the
+    # initial mask and only has to learn to use memory and clicks. DeepGrow/DeepEdit
+    # then train that click-free initial net first (or reuse one, ``--initial-from``),
+    # so every method gets the same steps. Not in the paper; it is what makes a CPU
+    # budget enough.
+    interactive_from_initial: bool = False
 
 
 CONFIGS = {
@@ -105,7 +108,7 @@ CONFIGS = {
     "reduced": TrainConfig(
         name="reduced", architecture=Architecture(channels=(8, 16, 32, 64, 128)), grid_shape=(64, 64, 64),
         spacing_mm=2.0, patch_shape=(48, 48, 48), lr=5e-4, base_steps=400, member_steps=60, val_every=30,
-        patience=4, save_dtype="float16", refinement_from_initial=True,
+        patience=4, save_dtype="float16", interactive_from_initial=True,
     ),
     # A few steps on tiny volumes: for tests and smoke runs only.
     "tiny": TrainConfig(
@@ -301,6 +304,9 @@ def fit(
 def widen_inputs_from(net: UNet, source: UNet) -> None:
     """Copy ``source``'s weights into ``net``; input channels ``source`` lacks get zero weights."""
     target = net.state_dict()
+    if set(target) != set(source.state_dict()):  # e.g. a residual projection only one of them needs
+        raise ValueError("the initial net's layers differ from the widened net's: choose a first channel count "
+                         "other than the input channel counts")
     for name, value in source.state_dict().items():
         if value.shape == target[name].shape:
             target[name] = value.clone()
@@ -328,7 +334,7 @@ def train_stage(
     every = sorted({i for fold in folds for i in fold["train"] + fold["val"]})
     torch.manual_seed(seed)
     start = build_unet(STAGE_CHANNELS[stage], config.architecture)
-    if stage == "refinement" and config.refinement_from_initial and initial_members:
+    if stage != "initial" and config.interactive_from_initial and initial_members:
         widen_inputs_from(start, initial_members[0])
     if config.base_steps > 0:  # a refinement warm start learns on fold 0's initial net
         base = fit(trainer, Member(start), 0, [prepared[i] for i in every], [],
@@ -377,17 +383,24 @@ def train(
     prepared = {c.id: load_prepared(c, config.grid_shape, config.spacing_mm, cache_dir) for c in tqdm(cases, desc="preparing cases")}
     state_dir = out_dir / "state"
     state_dir.mkdir(exist_ok=True)
+    order = list(METHOD_STAGES[method])
+    if config.interactive_from_initial and "initial" not in order:
+        order.insert(0, "initial")  # a click-guided net's warm start; not part of its checkpoint
+    if initial_from is not None and (method == "unet" or "initial" not in order):
+        raise ValueError(f"--initial-from needs a method that refines on or starts from an initial net, not {method}"
+                         f" with the '{config.name}' configuration")
     stages: dict[str, list[UNet]] = {}
     reports: dict[str, list[dict]] = {}
     if initial_from is not None:
         stages["initial"], reports["initial"] = _frozen_initial(initial_from, config, len(folds))
-    for stage in METHOD_STAGES[method]:
+    for stage in order:
         if stage in stages:
             continue
         stages[stage], reports[stage] = train_stage(
             method, stage, config, folds, prepared, device, seed, state_dir,
-            initial_members=stages.get("initial") if stage == "refinement" else None,
+            initial_members=stages.get("initial") if stage != "initial" else None,
         )
+    stages = {stage: stages[stage] for stage in METHOD_STAGES[method]}
     description = (
         f"{method}, '{config.name}' configuration, {len(ids)} training cases from {data_dir.name}, "
         f"seed {seed}. Command: {command or 'icr train'}"
@@ -408,12 +421,14 @@ def train(
 
 
 def _frozen_initial(directory: Path, config: TrainConfig, folds: int) -> tuple[list[UNet], list[dict]]:
-    """A trained initial ensemble to refine on (e.g. for a refinement-only ablation)."""
+    """A trained initial ensemble to refine on or start click-guided nets from (frozen)."""
     checkpoint = load_checkpoint(directory, method=None)
     if "initial" not in checkpoint.stages:
         raise ValueError(f"{directory} has no initial stage")
     if checkpoint.grid_shape != config.grid_shape or checkpoint.spacing_mm != config.spacing_mm:
         raise ValueError(f"{directory} was trained on another grid than the '{config.name}' configuration")
+    if checkpoint.architecture != config.architecture:
+        raise ValueError(f"{directory} holds another network architecture than the '{config.name}' configuration")
     members = checkpoint.stages["initial"]
     if len(members) != folds:
         raise ValueError(f"{directory} has {len(members)} initial members for {folds} folds")
@@ -455,7 +470,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps per member (overrides the configuration)")
     parser.add_argument("--base-steps", type=int, help="steps of the shared warm start (0: none)")
     parser.add_argument("--p-drop", type=float, help="mask dropout probability for 2S-ICR refinement (default 0.2)")
-    parser.add_argument("--initial-from", help="2s-icr: reuse this checkpoint's initial ensemble (frozen) and train only the refinement")
+    parser.add_argument("--initial-from", help="reuse this checkpoint's initial ensemble instead of training one: 2s-icr refines on it "
+                        "(frozen), deepgrow/deepedit start from it (reduced configuration)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, help="CPU threads")

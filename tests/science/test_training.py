@@ -73,6 +73,23 @@ def test_baselines_train_their_single_interactive_stage(phantom_dir: Path, tmp_p
     assert checkpoint.method == "deepedit-25" and set(checkpoint.stages) == {"interactive"}
 
 
+def test_click_guided_nets_start_from_an_initial_net_and_ship_without_it(phantom_dir: Path, tmp_path: Path) -> None:
+    # first layer wider than every input, so the initial and the widened nets have the same layers
+    architecture = replace(CONFIGS["tiny"].architecture, channels=(6, 8, 16))
+    config = replace(CONFIGS["tiny"], architecture=architecture, member_steps=2, val_every=2, folds=2,
+                     interactive_from_initial=True)
+    checkpoint = load_checkpoint(train("deepgrow", phantom_dir, tmp_path / "dg", config, device=CPU), method=None)
+    assert set(checkpoint.stages) == {"interactive"}
+    assert set(json.loads((tmp_path / "dg" / "training.json").read_text())["stages"]) == {"initial", "interactive"}
+    # a trained initial ensemble can be reused instead of training one
+    unet = train("unet", phantom_dir, tmp_path / "unet", config, device=CPU)
+    train("deepedit-50", phantom_dir, tmp_path / "de", config, device=CPU, initial_from=unet)
+    reused = json.loads((tmp_path / "de" / "training.json").read_text())["stages"]["initial"]
+    assert reused[0]["reused_from"] == str(unet)
+    with pytest.raises(ValueError, match="--initial-from"):
+        train("unet", phantom_dir, tmp_path / "again", config, device=CPU, initial_from=unet)
+
+
 def test_refinement_warm_start_reproduces_the_initial_net() -> None:
     from service.engine.networks import REFINEMENT_CHANNELS
     from service.science.training import widen_inputs_from
