@@ -60,7 +60,7 @@ class Grid:
                 extent_mm: Sequence[float]) -> Grid:
         """A grid covering ``extent_mm`` around ``centre_mm``, x/y flipped as DICOM LPS -> RAS gives."""
         spacing = np.asarray(spacing_mm, dtype=np.float64)
-        shape = tuple(max(1, int(round(e / s))) for e, s in zip(extent_mm, spacing))
+        shape = tuple(max(1, round(e / s)) for e, s in zip(extent_mm, spacing))
         steps = spacing * np.array([-1.0, -1.0, 1.0])
         affine = np.diag([*steps, 1.0])
         affine[:3, 3] = np.asarray(centre_mm, dtype=np.float64) - steps * (np.asarray(shape) - 1) / 2

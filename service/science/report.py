@@ -404,8 +404,8 @@ def _noc_table(report: Mapping[str, Any]) -> list[str]:
     return [
         f"## Table 3. Number of clicks (NoC) to reach a threshold within {max_clicks} clicks",
         "",
-        "NoC and PoF (proportion of failures) per repetition over all cases, then mean ± sd over repetitions; "
-        f"a failure counts as {max_clicks} clicks in NoC.",
+        ("NoC and PoF (proportion of failures) per repetition over all cases, then mean ± sd over repetitions; "
+         f"a failure counts as {max_clicks} clicks in NoC."),
         "",
         *_table(header, rows),
         "",
@@ -425,8 +425,8 @@ def _significance_tables(report: Mapping[str, Any]) -> list[str]:
     lines = [
         f"## Significance: `{reference}` against each method",
         "",
-        "Two-sided Wilcoxon signed-rank test on per-case values, Benjamini-Hochberg adjusted over all "
-        f"methods and columns of each table; cells are adjusted p-values, `*` marks p < {significance['alpha']:g}.",
+        ("Two-sided Wilcoxon signed-rank test on per-case values, Benjamini-Hochberg adjusted over all "
+         f"methods and columns of each table; cells are adjusted p-values, `*` marks p < {significance['alpha']:g}."),
         "",
     ]
     others = [name for name in report["methods"] if name != reference]
@@ -446,8 +446,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "# Interactive GTVt segmentation: simulated-click evaluation",
         "",
         f"- Click rule: `{config['rule']}` ({config['rule_description']}).",
-        f"- Cases: {config['cases']}; repetitions: {config['repetitions']} (seed {config['seed']}); "
-        f"at most {config['max_clicks']} clicks per session; device: {config['device']}.",
+        (f"- Cases: {config['cases']}; repetitions: {config['repetitions']} (seed {config['seed']}); "
+         f"at most {config['max_clicks']} clicks per session; device: {config['device']}."),
         "- Per-case values are averaged over repetitions; HD95 of an empty mask is recorded as the grid diagonal.",
         f"- Reference for significance tests: `{config['reference']}`.",
         "",

@@ -92,7 +92,7 @@ class _CapturingChoice:
     def __init__(self) -> None:
         self.p: np.ndarray | None = None
 
-    def choice(self, a, size=None, p=None):  # noqa: ANN001, ANN201 - mimics numpy's signature
+    def choice(self, a, size=None, p=None):
         self.p = np.asarray(p, dtype=np.float64)
         options = np.arange(a) if np.isscalar(a) else np.asarray(a)
         return options[:1] if size is not None else int(options[0])
