@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,8 +140,11 @@ def load_prepared(
             return PreparedCase(case.id, data["images"], data["truth"], grid)
     prepared = prepare_case(case, grid_shape, spacing_mm)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        path, images=prepared.images, truth=prepared.truth,
-        shape=np.asarray(prepared.grid.shape), spacing=prepared.grid.spacing_mm, origin=np.asarray(prepared.grid.origin_mm),
-    )
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # runs sharing a cache never read half a file
+    with partial.open("wb") as file:
+        np.savez(
+            file, images=prepared.images, truth=prepared.truth,
+            shape=np.asarray(prepared.grid.shape), spacing=prepared.grid.spacing_mm, origin=np.asarray(prepared.grid.origin_mm),
+        )
+    os.replace(partial, path)
     return prepared
