@@ -22,8 +22,11 @@ mm) are far below any grid's diagonal, so NoC and PoF are unaffected by this cho
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,7 @@ from service.science.metrics import PAPER_MAX_CLICKS, dice, hd95
 from service.science.report import (
     EvaluationConfig,
     MethodIdentity,
+    cases_json,
     choose_reference,
     write_report,
 )
@@ -266,6 +270,11 @@ def evaluate(
     Cases are prepared on each checkpoint's own working grid, one at a time (a 144^3
     case is tens of MB), and cached under ``cache_dir`` when given. ``refine_window``
     evaluates 2S-ICR's windowed fast path instead of the exact refinement.
+
+    Each method's results are kept in ``out_dir/methods/`` with what produced them
+    (checkpoint digest, cases, protocol, device); a rerun into the same ``out_dir``
+    reuses those that match instead of recomputing them, so an interrupted evaluation
+    resumes and a method can be added to a comparison without rerunning the others.
     """
     if not methods:
         raise EvaluationInputError("no methods to evaluate")
@@ -283,12 +292,26 @@ def evaluate(
     for name, directory in tqdm(methods.items(), desc="methods", unit="method"):
         segmenter = load_segmenter(directory, torch_device, refine_window=refine_window, refine_margin=refine_margin)
         identities[name] = _identity(directory, segmenter)
+        provenance = {
+            "label": name, "checkpoint_digest": identities[name].digest, "case_ids": [case.id for case in cases],
+            "max_clicks": max_clicks, "repetitions": repetitions, "seed": seed, "rule": rule.value,
+            "device": str(torch_device),
+            "refine_window": refine_window if identities[name].method == "2s-icr" else None,
+            "refine_margin": refine_margin if refine_window and identities[name].method == "2s-icr" else None,
+        }
+        saved = _method_results_path(out_dir, name)
+        kept = _read_method_result(saved, provenance)
+        if kept is not None:
+            results[name] = kept
+            log.info("reusing %s's results from %s", name, saved)
+            continue
         grid_shape, spacing = segmenter.checkpoint.grid_shape, segmenter.checkpoint.spacing_mm
         prepared = (load_prepared(case, grid_shape, spacing, cache) for case in cases)
         progress = tqdm(prepared, total=len(cases), desc=name, unit="case", leave=False)
         results[name] = evaluate_method(
             segmenter, progress, max_clicks=max_clicks, repetitions=repetitions, seed=seed, rule=rule
         )
+        _write_method_result(saved, provenance, results[name])
         log.info("evaluated %s (%s) on %d cases", name, identities[name].method, len(cases))
     config = EvaluationConfig(
         max_clicks=max_clicks,
@@ -301,6 +324,42 @@ def evaluate(
     )
     write_report(out_dir, config, identities, results)
     return results
+
+
+def _method_results_path(out_dir: Path | str, name: str) -> Path:
+    return Path(out_dir) / "methods" / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.json"
+
+
+def _write_method_result(path: Path, provenance: dict, result: MethodResult) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps({"provenance": provenance, "cases": cases_json(result)}) + "\n")
+    os.replace(partial, path)
+
+
+def _read_method_result(path: Path, provenance: dict) -> MethodResult | None:
+    """The saved results at ``path`` if they came from exactly ``provenance``, else None."""
+    try:
+        saved = json.loads(path.read_text())
+        if saved["provenance"] != provenance:
+            return None
+        return MethodResult(tuple(
+            CaseResult(case["case_id"], tuple(
+                Curve(
+                    dsc=np.asarray(curve["dsc"], dtype=np.float64),
+                    hd95=np.asarray(curve["hd95"], dtype=np.float64),
+                    changed_voxels=np.asarray(curve["changed_voxels"], dtype=np.int64),
+                    clicks=tuple(Click.from_dict(click) for click in curve["clicks"]),
+                )
+                for curve in case["repetitions"]
+            ))
+            for case in saved["cases"]
+        ))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as error:  # unreadable: recompute and overwrite
+        log.warning("ignoring saved results %s: %s", path, error)
+        return None
 
 
 # ------------------------------------------------------------------------------ CLI

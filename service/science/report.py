@@ -277,7 +277,7 @@ def _curve_json(curve: Any) -> dict[str, Any]:
     }
 
 
-def _cases_json(result: MethodResult) -> list[dict[str, Any]]:
+def cases_json(result: MethodResult) -> list[dict[str, Any]]:
     return [
         {
             "case_id": case.case_id,
@@ -313,7 +313,7 @@ def build_report(
         "format": REPORT_FORMAT,
         "config": config.to_dict(),
         "methods": {name: identity.to_dict() for name, identity in identities.items()},
-        "cases": {name: _cases_json(result) for name, result in results.items()},
+        "cases": {name: cases_json(result) for name, result in results.items()},
         "summary": {
             "columns": [{"key": c.key, "header": c.header, "clicks": list(c.clicks)} for c in columns],
             "dsc": dsc_table(results, columns),

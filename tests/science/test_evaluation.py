@@ -7,6 +7,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from service.science.evaluation import (
     CaseResult,
     Curve,
     MethodResult,
+    evaluate,
     evaluate_method,
     interaction_curve,
     register,
@@ -356,3 +358,28 @@ def test_cli_rejects_unusable_input(evaluation_inputs: dict[str, Path], tmp_path
     with pytest.raises(SystemExit):
         _parser().parse_args([*common, "--weights", "no-equals-sign"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_reuses_matching_method_results_and_recomputes_the_rest(
+    evaluation_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    arguments: dict[str, Any] = {"max_clicks": 2, "repetitions": 1, "seed": 3, "device": "cpu"}
+    methods = {"deepgrow": evaluation_inputs["deepgrow"]}
+    first = evaluate(methods, evaluation_inputs["data"], tmp_path, **arguments)["deepgrow"]
+    (saved,) = (tmp_path / "methods").glob("*.json")
+    stored = json.loads(saved.read_text())
+    assert stored["provenance"]["checkpoint_digest"] and stored["provenance"]["max_clicks"] == 2
+    stored["cases"][0]["repetitions"][0]["dsc"] = [0.5, 0.25, 0.125]  # only a reuse can report these
+    saved.write_text(json.dumps(stored))
+    with_unet = {**methods, "unet": evaluation_inputs["unet"]}
+    again = evaluate(with_unet, evaluation_inputs["data"], tmp_path, **arguments)
+    np.testing.assert_array_equal(again["deepgrow"].cases[0].repetitions[0].dsc, [0.5, 0.25, 0.125])
+    np.testing.assert_array_equal(again["deepgrow"].cases[1].repetitions[0].dsc, first.cases[1].repetitions[0].dsc)
+    assert again["deepgrow"].cases[0].repetitions[0].clicks == first.cases[0].repetitions[0].clicks
+    assert len(list((tmp_path / "methods").glob("*.json"))) == 2
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["cases"]["deepgrow"][0]["dsc"] == [0.5, 0.25, 0.125]
+    # another protocol is recomputed, and its results replace the saved ones
+    changed = evaluate(methods, evaluation_inputs["data"], tmp_path, **{**arguments, "seed": 4})["deepgrow"]
+    assert changed.cases[0].repetitions[0].dsc.tolist() != [0.5, 0.25, 0.125]
+    assert json.loads(saved.read_text())["provenance"]["seed"] == 4
