@@ -18,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -139,12 +141,18 @@ def load_prepared(
             grid = WorkingGrid(tuple(data["shape"]), float(data["spacing"]), tuple(data["origin"]))
             return PreparedCase(case.id, data["images"], data["truth"], grid)
     prepared = prepare_case(case, grid_shape, spacing_mm)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # runs sharing a cache never read half a file
-    with partial.open("wb") as file:
-        np.savez(
-            file, images=prepared.images, truth=prepared.truth,
-            shape=np.asarray(prepared.grid.shape), spacing=prepared.grid.spacing_mm, origin=np.asarray(prepared.grid.origin_mm),
-        )
-    os.replace(partial, path)
+    write_whole(path, lambda file: np.savez(
+        file, images=prepared.images, truth=prepared.truth,
+        shape=np.asarray(prepared.grid.shape), spacing=prepared.grid.spacing_mm, origin=np.asarray(prepared.grid.origin_mm),
+    ))
     return prepared
+
+
+def write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through a temporary file and a rename: readers (other runs sharing
+    a folder, a rerun after a crash) see the old file or the whole new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    with partial.open("wb") as file:
+        write(file)
+    os.replace(partial, path)

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from service.science.dataset import (
     load_prepared,
     read_case_list,
     select,
+    write_whole,
 )
 from service.science.methods import Segmenter, load_segmenter
 from service.science.metrics import PAPER_MAX_CLICKS, dice, hd95
@@ -331,10 +331,8 @@ def _method_results_path(out_dir: Path | str, name: str) -> Path:
 
 
 def _write_method_result(path: Path, provenance: dict, result: MethodResult) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps({"provenance": provenance, "cases": cases_json(result)}) + "\n")
-    os.replace(partial, path)
+    document = json.dumps({"provenance": provenance, "cases": cases_json(result)}) + "\n"
+    write_whole(path, lambda file: file.write(document.encode()))
 
 
 def _read_method_result(path: Path, provenance: dict) -> MethodResult | None:
