@@ -11,7 +11,7 @@
   even the central part differs from the exact pass: ``icr bench`` reports by how much.
 - **Device tuning**: cuDNN autotuning on CUDA (every pass has the same shapes), and
   optional float16/bfloat16 autocast on CUDA only (bfloat16 conv3d was measured about
-  50x slower than float32 on the development CPU).
+  50x slower than float32 on a development CPU without bfloat16 instructions).
 """
 
 from __future__ import annotations
