@@ -32,8 +32,11 @@ class Settings(BaseSettings):
     refine_margin: int = Field(
         16, ge=0, description="Voxels per side of the refinement window whose outputs are discarded (no seams)."
     )
-    cuda_autocast: Literal["off", "float16", "bfloat16"] = Field(
-        "off", description="Reduced-precision inference on CUDA (ignored on CPU). Changes results slightly."
+    autocast: Literal["auto", "off", "float16", "bfloat16"] = Field(
+        "off",
+        description="Reduced-precision inference: float16 (CUDA) or bfloat16; auto = bfloat16 on CPUs with "
+        "bfloat16 instructions, float32 elsewhere; off = exact float32. Changes results slightly "
+        "(see docs/performance.md).",
     )
     api_keys: SecretStr | None = Field(
         None, description="Comma-separated API keys; when set, a bearer key is required and owns its sessions."

@@ -32,7 +32,7 @@ def torch_threads_restored() -> Iterator[None]:
 
 def test_bench_measures_every_part_and_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "out" / "bench.json"
-    args = parse([*TINY, "--json", str(target)])
+    args = parse([*TINY, "--autocast", "bfloat16", "--json", str(target)])
     assert args.run(args) == 0
     report = json.loads(target.read_text())
 
@@ -41,11 +41,12 @@ def test_bench_measures_every_part_and_writes_the_report(tmp_path: Path, capsys:
     assert config["device"] == "cpu" and config["threads"] == 1
     assert config["architecture"] == {"channels": [4, 8, 16], "strides": [1, 2], "num_res_units": 1}
     assert config["members"] == {"initial": 2, "refinement": 2} and config["grid"] == [32, 32, 32]
-    assert set(config["dtype"].values()) == {"float32"}
+    assert config["dtype"] == {"baseline": "float32", "engine": "float32", "engine-autocast": "bfloat16",
+                               "engine-window": "float32", "engine-window-autocast": "bfloat16"}
     clicks = config["clicks_made"]
     assert 1 <= clicks <= 2
 
-    assert list(report["engine"]) == ["baseline", "engine", "engine-window"]  # no autocast path on a CPU
+    assert list(report["engine"]) == ["baseline", "engine", "engine-autocast", "engine-window", "engine-window-autocast"]
     for entry in report["engine"].values():
         for stage in ("initial", "refine"):
             assert entry[stage]["n"] == 2 and entry[stage]["p50_ms"] > 0 and entry[stage]["p95_ms"] > 0
@@ -54,6 +55,8 @@ def test_bench_measures_every_part_and_writes_the_report(tmp_path: Path, capsys:
     assert report["engine"]["baseline"]["fidelity"]["mask_dice_min"] == 1.0
     assert report["engine"]["engine"]["fidelity"]["max_abs_probability_difference"] < 1e-4  # the exact path is exact
     assert 0.0 <= report["engine"]["engine-window"]["fidelity"]["mask_dice_min"] <= 1.0
+    lowered = report["engine"]["engine-autocast"]["fidelity"]["max_abs_probability_difference"]
+    assert 0 < lowered < 0.05  # bfloat16 moves the output, a little
 
     assert report["click_maps"]["clicks"] == clicks and report["click_maps"]["max_abs_difference"] <= 1e-6
     codec = report["codec"]
@@ -74,7 +77,7 @@ def test_bench_measures_every_part_and_writes_the_report(tmp_path: Path, capsys:
 
 def test_bench_can_leave_out_http_and_redis(tmp_path: Path) -> None:
     target = tmp_path / "bench.json"
-    args = parse([*TINY, "--window", "0", "--clicks", "1", "--skip-http", "--json", str(target)])
+    args = parse([*TINY, "--window", "0", "--autocast", "off", "--clicks", "1", "--skip-http", "--json", str(target)])
     assert args.run(args) == 0
     report = json.loads(target.read_text())
     assert "http" not in report and list(report["engine"]) == ["baseline", "engine"]
@@ -84,6 +87,9 @@ def test_bench_refuses_unusable_weights_with_a_message(tmp_path: Path, capsys: p
     args = parse(["--weights", str(tmp_path / "absent"), "--skip-http"])
     assert args.run(args) == 2
     assert "no manifest.json" in capsys.readouterr().err
+    args = parse([*TINY, "--autocast", "float16", "--skip-http"])
+    assert args.run(args) == 2
+    assert "float16 autocast needs CUDA" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse(["--random", "--weights", str(tmp_path)])
     with pytest.raises(SystemExit):

@@ -4,9 +4,11 @@ Engine only, on a preprocessed phantom case on the checkpoint's grid:
 
 - ``baseline``: plain MONAI eager float32 forwards of the members one after another
   over the whole volume, MONAI click maps, no device tuning;
-- ``engine``: the service's default engine (exact: full volume, float32);
-- ``engine-window``: windowed refinement (``--window``/``--margin``);
-- ``engine-autocast``: reduced precision, on CUDA only (``--autocast``).
+- ``engine``: the exact engine (full volume, float32);
+- ``engine-autocast``: reduced precision (``--autocast``; by default float16 on CUDA,
+  bfloat16 on a CPU with bfloat16 instructions);
+- ``engine-window``: windowed refinement (``--window``/``--margin``), float32;
+- ``engine-window-autocast``: both fast paths together.
 
 Each path times the initial pass and one refinement pass (the first click), and
 replays the baseline's sequence of simulated clicks from its own previous outputs:
@@ -15,7 +17,8 @@ the result. Then the store codec, peak memory, and the click round trip over rea
 HTTP: ``icr serve`` alone (embedded), and ``icr serve`` + ``icr worker`` on a
 redis-server started here. The served processes take every other ``ICR_*`` setting
 from the environment, so ``ICR_REFINE_WINDOW=64 icr bench ...`` measures the service
-with the window on. See docs/performance.md.
+with the window on, ``ICR_AUTOCAST=off icr bench ...`` the exact service. See
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from service.engine.fastpath import (
 )
 from service.science.dataset import find_cases, prepare_case
 from service.science.phantoms import write_cases
-from service.settings import DEMO_WEIGHTS
+from service.settings import DEMO_WEIGHTS, Settings
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +130,7 @@ def measure(args: argparse.Namespace, device: torch.device, scratch: Path) -> di
             "clicks_made": len(clicks),
             "window": {"size": args.window, "margin": args.margin} if args.window else None,
             "service_refine_window": os.environ.get("ICR_REFINE_WINDOW"),
-            "service_cuda_autocast": os.environ.get("ICR_CUDA_AUTOCAST", "off"),
+            "service_autocast": os.environ.get("ICR_AUTOCAST", Settings.model_fields["autocast"].default),
             "phantom": {"case": prepared.id, "seed": args.seed, "gtvt_voxels": int(prepared.truth.sum())},
         },
         "engine": engine_report,
@@ -189,8 +192,9 @@ def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  
                        help="refinement window edge of the engine-window path; 0 leaves that path out (64)")
     bench.add_argument("--margin", type=int, default=DEFAULT_REFINE_MARGIN,
                        help=f"voxels per window side whose outputs are discarded ({DEFAULT_REFINE_MARGIN})")
-    bench.add_argument("--autocast", choices=["off", *AUTOCAST_DTYPES], default="float16",
-                       help="dtype of the engine-autocast path, CUDA only (float16)")
+    bench.add_argument("--autocast", choices=["off", *AUTOCAST_DTYPES], default=None,
+                       help="dtype of the reduced-precision paths; off leaves them out (default: float16 on CUDA, "
+                       "bfloat16 on a CPU with bfloat16 instructions, none on other CPUs)")
     bench.add_argument("--seed", type=int, default=0, help="phantom, click and --random weight seed (0)")
     bench.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     bench.add_argument("--skip-http", action="store_true", help="engine, codec and memory only")

@@ -13,13 +13,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from service.bench.stats import ratio, summary_ms, timed
+from service.bench.stats import BenchError, ratio, summary_ms, timed
 from service.engine.checkpoints import (
     LoadedCheckpoint,
 )
 from service.engine.clicks import click_maps, reference_click_maps
 from service.engine.ensemble import Engine
 from service.engine.fastpath import (
+    autocast_dtype,
+    cpu_has_bfloat16,
     cudnn_autotuning,
 )
 from service.science.dataset import PreparedCase
@@ -81,25 +83,45 @@ class BenchPath:
 
 
 def engine_paths(args: argparse.Namespace, checkpoint: LoadedCheckpoint, device: torch.device) -> list[BenchPath]:
+    """The baseline, the exact engine, and each fast path the options ask for (window, reduced precision, both)."""
     paths = [
         BenchPath("baseline", "plain MONAI eager float32, members one after another, full volume",
                   NaiveBaseline(checkpoint, device)),
-        BenchPath("engine", "service default: exact, full volume, float32, local click maps",
-                  Engine(checkpoint, device)),
+        BenchPath("engine", "exact engine: full volume, float32, local click maps",
+                  Engine(checkpoint, device, autocast="off")),
     ]
-    if args.window:
-        engine = Engine(checkpoint, device, refine_window=args.window, refine_margin=args.margin)
+    precision = bench_autocast(args.autocast, device)
+    if precision is not None:
+        paths.append(BenchPath("engine-autocast", f"{precision} autocast, full volume",
+                               Engine(checkpoint, device, autocast=precision)))
+    for name, autocast in (("engine-window", "off"), ("engine-window-autocast", precision)):
+        if not args.window or autocast is None:
+            continue
+        engine = Engine(checkpoint, device, refine_window=args.window, refine_margin=args.margin, autocast=autocast)
         assert engine.window_plan is not None
         paths.append(BenchPath(
-            "engine-window",
+            name,
             f"refinement on a {engine.window_plan.size}^3 window around the new click, "
-            f"{engine.window_plan.margin} voxels discarded per side",
+            f"{engine.window_plan.margin} voxels discarded per side, {engine.precision}",
             engine,
         ))
-    if device.type == "cuda" and args.autocast != "off":
-        paths.append(BenchPath("engine-autocast", f"CUDA autocast {args.autocast}",
-                               Engine(checkpoint, device, autocast=args.autocast)))
     return paths
+
+
+def bench_autocast(requested: str | None, device: torch.device) -> str | None:
+    """The dtype of the reduced-precision paths: as requested, or by default the one this device runs
+    fast (float16 on CUDA, bfloat16 on a CPU with bfloat16 instructions; none on other CPUs)."""
+    if requested == "off":
+        return None
+    if requested is not None:
+        try:
+            autocast_dtype(requested, device)
+        except ValueError as error:  # float16 on a CPU
+            raise BenchError(f"--autocast: {error}") from error
+        return requested
+    if device.type == "cuda":
+        return "float16"
+    return "bfloat16" if cpu_has_bfloat16() else None
 
 
 def simulated_session(

@@ -71,7 +71,7 @@ def format_table(report: dict[str, Any]) -> str:
                 f" {_ms(click['p50_ms']):>11} {_ms(click['p95_ms']):>5} {click['n']:>7}  {rss}"
             )
         lines.append(f"  served with refine_window={report['config']['service_refine_window']}"
-                     f", cuda_autocast={report['config']['service_cuda_autocast']}")
+                     f", autocast={report['config']['service_autocast']}")
     return "\n".join(lines)
 
 

@@ -4,9 +4,10 @@ Ensemble probability = mean of the members' sigmoids; every refinement member ge
 the same inputs: CT, PET, the previous *ensemble* probability (the system's last
 output) and the click maps of all clicks so far. Mask = probability > 0.5.
 
-By default the engine computes exactly that, full volume, float32. The optional fast paths of
-:mod:`service.engine.fastpath` (a refinement window, CUDA autocast) change results
-and are off unless configured.
+With no options the engine computes exactly that, full volume, float32. The fast
+paths of :mod:`service.engine.fastpath` change results: a refinement window (off
+unless configured) and reduced precision (``autocast``; the service's ``auto``
+default is bfloat16 on CPUs with bfloat16 instructions).
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ from service.engine.fastpath import (
     Window,
     WindowPlan,
     autocast_dtype,
+    cpu_bfloat16,
     downsampling_factor,
+    for_cpu_bfloat16,
     inference,
+    precision_name,
 )
 from service.store.contract import Click
 
@@ -53,15 +57,23 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class Ensemble:
-    """Members run back to back on one device; ``autocast`` (CUDA only) lowers their precision."""
+    """Members run back to back on one device; ``autocast`` lowers their precision."""
 
     members: list[UNet]
     device: torch.device
     autocast: torch.dtype | None = None
 
+    def __post_init__(self) -> None:
+        self.members = [member.to(self.device) for member in self.members]
+        self.memory_format = torch.contiguous_format
+        if cpu_bfloat16(self.device, self.autocast):
+            self.memory_format = torch.channels_last_3d
+            self.members = [for_cpu_bfloat16(member) for member in self.members]
+
     def probability(self, inputs: np.ndarray) -> np.ndarray:
         """(C, D, H, W) inputs -> (D, H, W) float32 mean of member sigmoids."""
         batch = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))[None].to(self.device)
+        batch = batch.contiguous(memory_format=self.memory_format)
         total = torch.zeros(batch.shape[2:], dtype=torch.float32, device=self.device)
         with device_lock(self.device), inference(self.device, self.autocast):
             for member in self.members:
@@ -74,7 +86,8 @@ class Engine:
 
     ``refine_window`` (voxels per edge; None = exact full-volume refinement) turns on
     windowed refinement with ``refine_margin`` voxels discarded per side;
-    ``autocast`` ('float16'/'bfloat16', CUDA only, else ignored) lowers precision.
+    ``autocast`` (``auto``, ``off``, ``float16`` on CUDA, ``bfloat16``; None = off)
+    lowers precision, see :func:`~service.engine.fastpath.autocast_dtype`.
     """
 
     window_plan: WindowPlan | None = None  # None: every refinement is the exact full-volume pass
@@ -91,8 +104,8 @@ class Engine:
         self.checkpoint = checkpoint
         self.device = device
         precision = autocast_dtype(autocast, device)
-        self.initial = Ensemble([m.to(device) for m in checkpoint.stages["initial"]], device, precision)
-        self.refinement = Ensemble([m.to(device) for m in checkpoint.stages["refinement"]], device, precision)
+        self.initial = Ensemble(checkpoint.stages["initial"], device, precision)
+        self.refinement = Ensemble(checkpoint.stages["refinement"], device, precision)
         self.window_plan = (
             None
             if refine_window is None
@@ -106,8 +119,7 @@ class Engine:
     @property
     def precision(self) -> str:
         """The dtype the networks compute in: float32 unless autocast is on."""
-        dtype = self.refinement.autocast
-        return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+        return precision_name(self.refinement.autocast)
 
     def initial_probability(self, images: np.ndarray) -> np.ndarray:
         return self.initial.probability(images)

@@ -9,20 +9,28 @@
   sees the same strided sampling as in the full pass. The UNet's instance
   normalisation still takes its statistics over the window instead of the volume, so
   even the central part differs from the exact pass: ``icr bench`` reports by how much.
-- **Device tuning**: cuDNN autotuning on CUDA (every pass has the same shapes), and
-  optional float16/bfloat16 autocast on CUDA only (bfloat16 conv3d was measured about
-  50x slower than float32 on a development CPU without bfloat16 instructions).
+- **Reduced precision** (autocast) changes results slightly: float16 or bfloat16 on
+  CUDA; bfloat16 on a CPU, where each member runs as a rewritten copy
+  (:func:`for_cpu_bfloat16`: channels-last, oneDNN's fast layout for bfloat16
+  convolutions, with the two layers that are slow in it swapped for equivalents).
+  ``auto`` picks bfloat16 on CPUs with bfloat16 instructions (AVX-512 BF16, AMX) and
+  float32 everywhere else: without them bfloat16 convolutions were measured 25-50x
+  slower than float32.
+- **Device tuning**: cuDNN autotuning on CUDA (every pass has the same shapes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 Box = tuple[slice, slice, slice]
 
@@ -30,6 +38,7 @@ DEFAULT_REFINE_MARGIN = 16
 # A window holding at least this share of the volume costs nearly a full pass: run the exact one.
 FULL_PASS_SHARE = 0.5
 AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+AUTOCAST_CHOICES = ("auto", "off", *AUTOCAST_DTYPES)
 
 
 # ------------------------------------------------------------------ windows
@@ -122,13 +131,91 @@ def downsampling_factor(strides: Sequence[int]) -> int:
 # ------------------------------------------------------------------ device tuning
 
 
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN's own check: AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def autocast_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``name`` ('off', 'float16', 'bfloat16') on ``device``: CUDA only."""
+    """The autocast dtype for ``name`` (see :data:`AUTOCAST_CHOICES`) on ``device``; None = float32.
+
+    ``auto``: bfloat16 on a CPU with bfloat16 instructions, float32 elsewhere (CUDA
+    included). float16 is refused on a CPU, where torch has no fast float16 convolution.
+    """
     if name is None or name == "off":
         return None
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_bfloat16() else None
     if name not in AUTOCAST_DTYPES:
-        raise ValueError(f"unknown autocast dtype {name!r}; use off, {', '.join(AUTOCAST_DTYPES)}")
-    return AUTOCAST_DTYPES[name] if device.type == "cuda" else None
+        raise ValueError(f"unknown autocast dtype {name!r}; use {', '.join(AUTOCAST_CHOICES)}")
+    if device.type == "cpu" and name == "float16":
+        raise ValueError("float16 autocast needs CUDA; on a CPU use bfloat16 (or auto)")
+    return AUTOCAST_DTYPES[name]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """What the networks compute in: 'float32' without autocast, else the autocast dtype's name."""
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def cpu_bfloat16(device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether members run as :func:`for_cpu_bfloat16` copies: bfloat16 on a CPU."""
+    return device.type == "cpu" and dtype is torch.bfloat16
+
+
+class ChannelNorm(nn.Module):
+    """Instance normalisation as a group norm with one group per channel: the same
+    statistics, but PyTorch's CPU kernel for it reads channels-last tensors in place,
+    where ``instance_norm`` copies them to the contiguous layout and back."""
+
+    def __init__(self, norm: nn.InstanceNorm3d) -> None:
+        super().__init__()
+        self.eps = norm.eps
+        self.weight = norm.weight  # None unless affine
+        self.bias = norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+
+
+def _as_convolution(layer: nn.ConvTranspose3d) -> nn.Conv3d:
+    """A stride-1 transposed convolution as the plain convolution it equals (kernel
+    flipped, in/out swapped, padding k-1-p): oneDNN runs the plain one, PyTorch's
+    fallback the transposed one (the UNet's last layer took 14% of a bfloat16 pass)."""
+    padding = tuple(k - 1 - p for k, p in zip(layer.kernel_size, layer.padding))
+    conv = nn.Conv3d(layer.in_channels, layer.out_channels, layer.kernel_size, padding=padding,
+                     bias=layer.bias is not None)
+    with torch.no_grad():
+        conv.weight.copy_(layer.weight.transpose(0, 1).flip(2, 3, 4))
+        if layer.bias is not None:
+            conv.bias.copy_(layer.bias)
+    return conv
+
+
+def _equivalent(layer: nn.Module) -> nn.Module | None:
+    if isinstance(layer, nn.InstanceNorm3d) and not layer.track_running_stats:
+        return ChannelNorm(layer)
+    if (isinstance(layer, nn.ConvTranspose3d) and layer.groups == 1 and set(layer.stride) == {1}
+            and set(layer.dilation) == {1} and set(layer.output_padding) == {0} and layer.padding_mode == "zeros"):
+        return _as_convolution(layer)
+    return None
+
+
+def for_cpu_bfloat16(member: nn.Module) -> nn.Module:
+    """A copy of ``member`` for bfloat16 autocast on a CPU: channels-last, instance norms as
+    :class:`ChannelNorm`, stride-1 transposed convolutions as convolutions. The same
+    function as ``member`` (equal to float32 rounding: tested); the original is untouched."""
+    rewritten = copy.deepcopy(member)
+    rewritten = _equivalent(rewritten) or rewritten
+    for parent in list(rewritten.modules()):
+        for name, child in list(parent.named_children()):
+            replacement = _equivalent(child)
+            if replacement is not None:
+                setattr(parent, name, replacement)
+    return rewritten.to(memory_format=torch.channels_last_3d)
 
 
 @contextlib.contextmanager
@@ -149,11 +236,11 @@ def cudnn_autotuning(enabled: bool = True) -> Iterator[None]:
 
 @contextlib.contextmanager
 def inference(device: torch.device, dtype: torch.dtype | None = None) -> Iterator[None]:
-    """No autograd bookkeeping; on CUDA, cuDNN autotuning and autocast to ``dtype`` when one is given."""
+    """No autograd bookkeeping, autocast to ``dtype`` when one is given; on CUDA, cuDNN autotuning."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         if device.type == "cuda":
             stack.enter_context(cudnn_autotuning())
-            if dtype is not None:
-                stack.enter_context(torch.autocast(device_type="cuda", dtype=dtype))
+        if dtype is not None:
+            stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
         yield

@@ -8,6 +8,7 @@ import torch
 
 from service.engine.checkpoints import load_checkpoint
 from service.engine.ensemble import Engine, resolve_device
+from service.engine.fastpath import cpu_has_bfloat16
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,10 +26,13 @@ def load_engine(settings: Settings) -> Engine:
             device,
             refine_window=settings.refine_window,
             refine_margin=settings.refine_margin,
-            autocast=settings.cuda_autocast,
+            autocast=settings.autocast,
         )
-    except ValueError as error:  # a window that does not fit the network: the operator must fix the setting
+    except ValueError as error:  # a window or precision the device cannot run: the operator must fix the setting
         raise RuntimeError(f"invalid fast-path settings: {error}") from error
+    if engine.precision == "bfloat16" and device.type == "cpu" and not cpu_has_bfloat16():
+        log.warning("bfloat16 on a CPU without bfloat16 instructions is many times slower than float32; "
+                    "set ICR_AUTOCAST=auto or off")
     log.info(
         "loaded %d initial + %d refinement members from %s onto %s (grid %s, %s, refinement %s)",
         len(checkpoint.stages["initial"]), len(checkpoint.stages["refinement"]),

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from service.argtypes import non_negative_int, positive_int
 from service.engine.checkpoints import CheckpointError
 from service.engine.ensemble import resolve_device
+from service.engine.fastpath import AUTOCAST_CHOICES, autocast_dtype, precision_name
 from service.imaging.grid import WorkingGrid
 from service.imaging.volume import ImageError
 from service.science.dataset import (
@@ -264,12 +265,14 @@ def evaluate(
     reference: str | None = None,
     refine_window: int | None = None,
     refine_margin: int = 16,
+    autocast: str = "off",
 ) -> dict[str, MethodResult]:
     """Evaluate each named checkpoint on the same cases and write the report into ``out_dir``.
 
     Cases are prepared on each checkpoint's own working grid, one at a time (a 144^3
     case is tens of MB), and cached under ``cache_dir`` when given. ``refine_window``
-    evaluates 2S-ICR's windowed fast path instead of the exact refinement.
+    evaluates 2S-ICR's windowed fast path instead of the exact refinement; ``autocast``
+    runs every method's networks in reduced precision (default: exact float32).
 
     Each method's results are kept in ``out_dir/methods/`` with what produced them
     (checkpoint digest, cases, protocol, device); a rerun into the same ``out_dir``
@@ -286,16 +289,22 @@ def evaluate(
         raise EvaluationInputError(str(error)) from error
     cases = cases_to_evaluate(data_dir, case_ids)
     torch_device = _device(device)
+    try:
+        precision = precision_name(autocast_dtype(autocast, torch_device))
+    except ValueError as error:
+        raise EvaluationInputError(str(error)) from error
     cache = Path(cache_dir) if cache_dir is not None else None
     results: dict[str, MethodResult] = {}
     identities: dict[str, MethodIdentity] = {}
     for name, directory in tqdm(methods.items(), desc="methods", unit="method"):
-        segmenter = load_segmenter(directory, torch_device, refine_window=refine_window, refine_margin=refine_margin)
+        segmenter = load_segmenter(
+            directory, torch_device, refine_window=refine_window, refine_margin=refine_margin, autocast=autocast
+        )
         identities[name] = _identity(directory, segmenter)
         provenance = {
             "label": name, "checkpoint_digest": identities[name].digest, "case_ids": [case.id for case in cases],
             "max_clicks": max_clicks, "repetitions": repetitions, "seed": seed, "rule": rule.value,
-            "device": str(torch_device),
+            "device": str(torch_device), "precision": precision,
             "refine_window": refine_window if identities[name].method == "2s-icr" else None,
             "refine_margin": refine_margin if refine_window and identities[name].method == "2s-icr" else None,
         }
@@ -321,6 +330,8 @@ def evaluate(
         case_ids=tuple(case.id for case in cases),
         device=str(torch_device),
         reference=reference_name,
+        precision=precision,
+        refine_window=refine_window,
     )
     write_report(out_dir, config, identities, results)
     return results
@@ -399,6 +410,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             reference=args.reference,
             refine_window=args.refine_window,
             refine_margin=args.refine_margin,
+            autocast=args.autocast,
         )
     except (EvaluationInputError, CheckpointError, ImageError, FileNotFoundError) as error:
         log.error("evaluation failed: %s", error)
@@ -434,5 +446,8 @@ def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  
                         help="2S-ICR: evaluate the windowed refinement fast path with this window edge (voxels)")
     parser.add_argument("--refine-margin", type=non_negative_int, default=16,
                         help="voxels discarded per side of the refinement window")
+    parser.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="off",
+                        help="reduced-precision inference for every method (default off: exact float32; "
+                        "auto: the service's default, bfloat16 on CPUs with bfloat16 instructions)")
     parser.set_defaults(run=_run_evaluate)
     return parser

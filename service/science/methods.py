@@ -19,6 +19,7 @@ import torch
 from service.engine.checkpoints import LoadedCheckpoint, load_checkpoint
 from service.engine.clicks import click_maps
 from service.engine.ensemble import Engine, Ensemble
+from service.engine.fastpath import autocast_dtype
 from service.store.contract import Click
 
 
@@ -34,9 +35,9 @@ class Segmenter(Protocol):
 
 
 class NonInteractive:
-    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device) -> None:
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, autocast: str | None = None) -> None:
         self.checkpoint = checkpoint
-        self.ensemble = Ensemble([m.to(device) for m in checkpoint.stages["initial"]], device)
+        self.ensemble = Ensemble(checkpoint.stages["initial"], device, autocast_dtype(autocast, device))
 
     def initial_probability(self, images: np.ndarray) -> np.ndarray:
         return self.ensemble.probability(images)
@@ -50,9 +51,9 @@ class NonInteractive:
 class ClickGuided:
     """DeepGrow/DeepEdit: the click maps are the only interaction input."""
 
-    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device) -> None:
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, autocast: str | None = None) -> None:
         self.checkpoint = checkpoint
-        self.ensemble = Ensemble([m.to(device) for m in checkpoint.stages["interactive"]], device)
+        self.ensemble = Ensemble(checkpoint.stages["interactive"], device, autocast_dtype(autocast, device))
 
     def _run(self, images: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
         guidance = click_maps(clicks, images.shape[1:], self.checkpoint.click_sigma_voxels)
@@ -68,12 +69,17 @@ class ClickGuided:
 
 
 def load_segmenter(
-    directory: Path | str, device: torch.device, *, refine_window: int | None = None, refine_margin: int = 16
+    directory: Path | str,
+    device: torch.device,
+    *,
+    refine_window: int | None = None,
+    refine_margin: int = 16,
+    autocast: str | None = None,
 ) -> Segmenter:
-    """The method a checkpoint holds; the refinement window applies to 2S-ICR only."""
+    """The method a checkpoint holds; the refinement window applies to 2S-ICR only, ``autocast`` to all."""
     checkpoint = load_checkpoint(directory, method=None)
     if checkpoint.method == "2s-icr":
-        return Engine(checkpoint, device, refine_window=refine_window, refine_margin=refine_margin)
+        return Engine(checkpoint, device, refine_window=refine_window, refine_margin=refine_margin, autocast=autocast)
     if checkpoint.method == "unet":
-        return NonInteractive(checkpoint, device)
-    return ClickGuided(checkpoint, device)
+        return NonInteractive(checkpoint, device, autocast)
+    return ClickGuided(checkpoint, device, autocast)

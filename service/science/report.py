@@ -72,6 +72,8 @@ class EvaluationConfig:
     case_ids: tuple[str, ...]
     device: str
     reference: str
+    precision: str = "float32"
+    refine_window: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +86,8 @@ class EvaluationConfig:
             "cases": len(self.case_ids),
             "case_ids": list(self.case_ids),
             "device": self.device,
+            "precision": self.precision,
+            "refine_window": self.refine_window,
             "reference": self.reference,
             "hd95_of_empty_mask": "working grid diagonal in mm",
             "dsc_thresholds": list(PAPER_DSC_THRESHOLDS),
@@ -447,7 +451,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"- Click rule: `{config['rule']}` ({config['rule_description']}).",
         (f"- Cases: {config['cases']}; repetitions: {config['repetitions']} (seed {config['seed']}); "
-         f"at most {config['max_clicks']} clicks per session; device: {config['device']}."),
+         f"at most {config['max_clicks']} clicks per session; device: {config['device']} "
+         f"({config.get('precision', 'float32')}"
+         + (f", 2S-ICR refinement window {config['refine_window']}" if config.get("refine_window") else "")
+         + ")."),
         "- Per-case values are averaged over repetitions; HD95 of an empty mask is recorded as the grid diagonal.",
         f"- Reference for significance tests: `{config['reference']}`.",
         "",

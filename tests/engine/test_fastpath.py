@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
+from service.engine import fastpath
 from service.engine.checkpoints import load_checkpoint, write_checkpoint
 from service.engine.clicks import click_maps, reference_click_maps
 from service.engine.ensemble import Engine, Ensemble
@@ -25,7 +27,10 @@ from service.engine.networks import (
     Architecture,
     build_unet,
 )
-from service.settings import Settings
+from service.science.dataset import find_cases, prepare_case
+from service.science.metrics import dice
+from service.science.phantoms import write_cases
+from service.settings import DEMO_WEIGHTS, Settings
 from service.store.contract import Click
 
 TINY = Architecture(channels=(4, 8, 16), strides=(1, 2), num_res_units=1)
@@ -185,12 +190,70 @@ def test_the_window_follows_the_new_clicks_only() -> None:
 # ------------------------------------------------------------------ settings and devices
 
 
-def test_autocast_is_for_cuda_only() -> None:
-    assert autocast_dtype("float16", CPU) is None
-    assert autocast_dtype("off", torch.device("cuda")) is None
-    assert autocast_dtype("bfloat16", torch.device("cuda")) is torch.bfloat16
+def test_autocast_dtype_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda")
+    assert autocast_dtype("off", cuda) is None and autocast_dtype(None, CPU) is None
+    assert autocast_dtype("float16", cuda) is torch.float16
+    assert autocast_dtype("bfloat16", cuda) is torch.bfloat16
+    assert autocast_dtype("bfloat16", CPU) is torch.bfloat16
+    assert autocast_dtype("auto", cuda) is None  # CUDA stays exact unless asked
+    monkeypatch.setattr(fastpath, "cpu_has_bfloat16", lambda: True)
+    assert autocast_dtype("auto", CPU) is torch.bfloat16
+    monkeypatch.setattr(fastpath, "cpu_has_bfloat16", lambda: False)
+    assert autocast_dtype("auto", CPU) is None  # bfloat16 without the instructions is many times slower
+    with pytest.raises(ValueError, match="float16 autocast needs CUDA"):
+        autocast_dtype("float16", CPU)
     with pytest.raises(ValueError, match="unknown autocast"):
         autocast_dtype("int8", CPU)
+
+
+def test_cpu_bfloat16_rewrite_computes_the_same_function() -> None:
+    torch.manual_seed(3)
+    net = UNet(3, 5, 1, channels=(4, 8, 16), strides=(1, 2), num_res_units=2).eval()
+    affine = torch.nn.InstanceNorm3d(4, affine=True)
+    torch.nn.init.normal_(affine.weight)
+    torch.nn.init.normal_(affine.bias)
+    layers = [m for m in net.modules() if isinstance(m, (torch.nn.InstanceNorm3d, torch.nn.ConvTranspose3d))]
+    assert any(isinstance(m, torch.nn.ConvTranspose3d) and m.stride == (1, 1, 1) for m in layers)
+    rewritten = fastpath.for_cpu_bfloat16(net)
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in rewritten.modules())
+    assert not any(isinstance(m, torch.nn.ConvTranspose3d) and m.stride == (1, 1, 1) for m in rewritten.modules())
+    assert [m for m in net.modules() if isinstance(m, (torch.nn.InstanceNorm3d, torch.nn.ConvTranspose3d))] == layers
+    x = torch.randn(1, 5, 24, 24, 24)
+    with torch.inference_mode():
+        expected = net(x)
+        assert rewritten(x.contiguous(memory_format=torch.channels_last_3d)).is_contiguous(
+            memory_format=torch.channels_last_3d)
+        np.testing.assert_allclose(rewritten.to(memory_format=torch.contiguous_format)(x), expected, atol=1e-5)
+        y = torch.randn(2, 4, 6, 6, 6)
+        norm = fastpath.for_cpu_bfloat16(affine)
+        assert isinstance(norm, fastpath.ChannelNorm)
+        np.testing.assert_allclose(norm(y), affine(y), atol=1e-5)
+
+
+def test_bfloat16_on_cpu_stays_within_its_stated_error() -> None:
+    """One trained demo member per stage on a phantom: bfloat16 (channels-last) against float32.
+
+    Stated tolerance (docs/performance.md): probabilities within 0.02, masks Dice >= 0.99.
+    """
+    checkpoint = load_checkpoint(DEMO_WEIGHTS)
+    with tempfile.TemporaryDirectory() as scratch:
+        write_cases(Path(scratch), 1, seed=11)
+        case = prepare_case(find_cases(Path(scratch))[0], checkpoint.grid_shape, checkpoint.spacing_mm)
+    truth = np.argwhere(case.truth)
+    click = Click("foreground", tuple(int(v) for v in truth[len(truth) // 2]))  # type: ignore[arg-type]
+    guidance = click_maps([click], case.truth.shape, checkpoint.click_sigma_voxels)
+    previous = Ensemble(checkpoint.stages["initial"][:1], CPU).probability(case.images)
+    inputs = {"initial": case.images, "refinement": np.concatenate([case.images, previous[None], guidance], axis=0)}
+    for stage, stage_inputs in inputs.items():
+        exact = Ensemble(checkpoint.stages[stage][:1], CPU)
+        fast = Ensemble(checkpoint.stages[stage][:1], CPU, torch.bfloat16)
+        assert fast.memory_format is torch.channels_last_3d and exact.memory_format is torch.contiguous_format
+        reference, lowered = exact.probability(stage_inputs), fast.probability(stage_inputs)
+        assert lowered.dtype == np.float32
+        assert 0 < np.abs(lowered - reference).max() <= 0.02  # it does compute in bfloat16, and stays close
+        assert dice(lowered > 0.5, reference > 0.5) >= 0.99
+        assert np.count_nonzero(reference > 0.5) > 1000  # a real mask, not an empty one
 
 
 def test_device_settings_are_scoped_to_the_pass() -> None:
@@ -206,18 +269,23 @@ def test_device_settings_are_scoped_to_the_pass() -> None:
 def test_settings_turn_the_window_on_and_refuse_one_that_cannot_work(
     tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("ICR_REFINE_WINDOW", "ICR_REFINE_MARGIN", "ICR_CUDA_AUTOCAST"):
+    for name in ("ICR_REFINE_WINDOW", "ICR_REFINE_MARGIN", "ICR_AUTOCAST"):
         monkeypatch.delenv(name, raising=False)
     assert Settings().refine_window is None
     monkeypatch.setenv("ICR_WEIGHTS", str(tiny_weights))
     monkeypatch.setenv("ICR_DEVICE", "cpu")
-    monkeypatch.setenv("ICR_CUDA_AUTOCAST", "float16")
+    monkeypatch.setenv("ICR_AUTOCAST", "float16")
+    with pytest.raises(RuntimeError, match="float16 autocast needs CUDA"):
+        load_engine(Settings())
+    monkeypatch.setenv("ICR_AUTOCAST", "bfloat16")
+    assert load_engine(Settings()).precision == "bfloat16"
+    monkeypatch.setenv("ICR_AUTOCAST", "off")
     assert load_engine(Settings()).window_plan is None
     monkeypatch.setenv("ICR_REFINE_WINDOW", "24")
     monkeypatch.setenv("ICR_REFINE_MARGIN", "4")
     engine = load_engine(Settings())
     assert engine.window_plan is not None and (engine.window_plan.size, engine.window_plan.margin) == (24, 4)
-    assert engine.precision == "float32"  # autocast is ignored on a CPU
+    assert engine.precision == "float32"
     monkeypatch.setenv("ICR_REFINE_MARGIN", "12")
     with pytest.raises(RuntimeError, match="too small"):
         load_engine(Settings())

@@ -305,7 +305,7 @@ def test_report_json_is_complete_and_consistent(report_dir: Path, evaluation_inp
     report = json.loads((report_dir / "report.json").read_text())
     config = report["config"]
     assert (config["max_clicks"], config["repetitions"], config["seed"], config["rule"]) == (3, 2, 1, "linear")
-    assert len(config["case_ids"]) == 2 and config["device"] == "cpu"
+    assert len(config["case_ids"]) == 2 and config["device"] == "cpu" and config["precision"] == "float32"
     assert config["reference"] == "2s-icr"  # the default reference wins over the first label
     for name in ("unet", "2s-icr", "deepgrow"):
         identity = report["methods"][name]
@@ -355,6 +355,7 @@ def test_cli_rejects_unusable_input(evaluation_inputs: dict[str, Path], tmp_path
     (tmp_path / "ids.txt").write_text("no_such_case\n")
     assert _run([*common, "--weights", unet, "--cases", str(tmp_path / "ids.txt")]) == 2
     assert _run([*common, "--weights", f"unet={tmp_path / 'missing'}"]) == 2
+    assert _run([*common, "--weights", unet, "--device", "cpu", "--autocast", "float16"]) == 2
     with pytest.raises(SystemExit):
         _parser().parse_args([*common, "--weights", "no-equals-sign"])
     assert not (tmp_path / "out").exists()
@@ -383,3 +384,7 @@ def test_a_rerun_reuses_matching_method_results_and_recomputes_the_rest(
     changed = evaluate(methods, evaluation_inputs["data"], tmp_path, **{**arguments, "seed": 4})["deepgrow"]
     assert changed.cases[0].repetitions[0].dsc.tolist() != [0.5, 0.25, 0.125]
     assert json.loads(saved.read_text())["provenance"]["seed"] == 4
+    # so is another precision: bfloat16 results never stand in for exact ones
+    evaluate(methods, evaluation_inputs["data"], tmp_path, **{**arguments, "seed": 4, "autocast": "bfloat16"})
+    assert json.loads(saved.read_text())["provenance"]["precision"] == "bfloat16"
+    assert json.loads((tmp_path / "report.json").read_text())["config"]["precision"] == "bfloat16"
