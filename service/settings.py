@@ -33,7 +33,7 @@ class Settings(BaseSettings):
         16, ge=0, description="Voxels per side of the refinement window whose outputs are discarded (no seams)."
     )
     autocast: Literal["auto", "off", "float16", "bfloat16"] = Field(
-        "off",
+        "auto",
         description="Reduced-precision inference: float16 (CUDA) or bfloat16; auto = bfloat16 on CPUs with "
         "bfloat16 instructions, float32 elsewhere; off = exact float32. Changes results slightly "
         "(see docs/performance.md).",

@@ -31,12 +31,12 @@ def format_table(report: dict[str, Any]) -> str:
             f" members; grid {'x'.join(map(str, config['grid']))}; repeats {config['repeats']}, clicks {config['clicks']}"
         ),
         "",
-        "Engine only (ms)     initial p50   p95   refine p50   p95   x init  x refine  Dice min/final  VRAM MiB",
+        "Engine only (ms)         initial p50   p95   refine p50   p95   x init  x refine  Dice min/final  VRAM MiB",
     ]
     for name, entry in report["engine"].items():
         fid, speed = entry["fidelity"], entry["speedup"]
         lines.append(
-            f"  {name:<18} {_ms(entry['initial']['p50_ms']):>11} {_ms(entry['initial']['p95_ms']):>5}"
+            f"  {name:<22} {_ms(entry['initial']['p50_ms']):>11} {_ms(entry['initial']['p95_ms']):>5}"
             f" {_ms(entry['refine']['p50_ms']):>12} {_ms(entry['refine']['p95_ms']):>5}"
             f" {_times(speed['initial_p50']):>7} {_times(speed['refine_p50']):>9}"
             f"  {fid['mask_dice_min']:.4f}/{fid['mask_dice_final']:.4f}  {entry.get('peak_vram_mib', '-'):>8}"
