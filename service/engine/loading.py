@@ -37,7 +37,7 @@ def load_engine(settings: Settings) -> Engine:
         "loaded %d initial + %d refinement members from %s onto %s (grid %s, %s, refinement %s)",
         len(checkpoint.stages["initial"]), len(checkpoint.stages["refinement"]),
         settings.weights, device, checkpoint.grid_shape, engine.precision,
-        "exact" if engine.window_plan is None
+        "full volume" if engine.window_plan is None
         else f"windowed {engine.window_plan.size}^3, margin {engine.window_plan.margin}",
     )
     return engine

@@ -72,6 +72,7 @@ class Worker:
             "name": self.name,
             "device": str(self.engine.device),
             "weights": self.engine.checkpoint.digest,
+            "precision": self.engine.precision,
             "grid_shape": list(self.engine.grid_shape),
             "spacing_mm": self.engine.checkpoint.spacing_mm,
         }

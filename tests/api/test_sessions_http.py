@@ -12,7 +12,9 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
+from service.engine.fastpath import autocast_dtype, precision_name
 from tests.api.conftest import API_KEYS, Service
 
 
@@ -186,5 +188,7 @@ def test_health_and_openapi(service: Service) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["workers"] >= 1 and ready["store"] == "ok"
+    # the default precision: bfloat16 on CPUs with bfloat16 instructions, float32 elsewhere
+    assert ready["precision"] == [precision_name(autocast_dtype("auto", torch.device("cpu")))]
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/sessions", "/v1/sessions/{session_id}/clicks", "/v1/sessions/{session_id}/undo"} <= set(paths)

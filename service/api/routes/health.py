@@ -22,6 +22,7 @@ def readyz(request: Request) -> JSONResponse:
         "store": "ok" if store_ok else "unreachable",
         "workers": len(workers),
         "weights": sorted({w.get("weights", "") for w in workers}),
+        "precision": sorted({w.get("precision", "") for w in workers}),
     }
     ready = store_ok and bool(workers)
     return JSONResponse({"status": "ready" if ready else "not-ready", **checks}, status_code=200 if ready else 503)
