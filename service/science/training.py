@@ -6,7 +6,8 @@ pass at every interaction and mask dropout), ``deepgrow`` / ``deepedit-25`` /
 ``deepedit-50`` (DeepEdit with 0/25/50 % click-free iterations: clicks simulated
 without gradients, then one backward pass with all of them, as MONAI's DeepEdit).
 
-Every network: Dice + BCE (equal weights), AdamW, cosine annealing to zero, batch 1,
+Every network: output bias at the logit of a small foreground share when built from
+scratch (``output_prior``), Dice + BCE (equal weights), AdamW, cosine annealing to zero, batch 1,
 the paper's augmentations, best state by validation mean DSC over 0-10 clicks (0
 clicks for non-interactive nets), early stopping after ``patience`` validations
 without improvement. One member per fold of a k-fold split (a file, so runs
@@ -25,6 +26,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -95,6 +97,11 @@ class TrainConfig:
     # so every method gets the same steps. Not in the paper; it is what makes a CPU
     # budget enough.
     interactive_from_initial: bool = False
+    # A net built from scratch starts by predicting this foreground share everywhere
+    # (its output bias is the share's logit, as for detectors' rare classes): with
+    # MONAI's zero bias it starts at 0.5, and at a small budget some seeds never left
+    # that plateau (docs/results/unet-seed-variance.md). None: MONAI's initialisation.
+    output_prior: float | None = 0.01
 
 
 CONFIGS = {
@@ -317,6 +324,17 @@ def widen_inputs_from(net: UNet, source: UNet) -> None:
     net.load_state_dict(target)
 
 
+def start_from_prior(net: UNet, prior: float) -> None:
+    """Set the bias of ``net``'s last convolution to logit(``prior``), its output offset."""
+    if not 0 < prior < 1:
+        raise ValueError(f"output prior must be in (0, 1), got {prior}")
+    last = [m for m in net.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))][-1]
+    if last.bias is None:
+        raise ValueError("the net's last convolution has no bias to carry the output prior")
+    with torch.no_grad():
+        last.bias.fill_(math.log(prior / (1 - prior)))
+
+
 def train_stage(
     method: str,
     stage: str,
@@ -336,6 +354,8 @@ def train_stage(
     start = build_unet(STAGE_CHANNELS[stage], config.architecture)
     if stage != "initial" and config.interactive_from_initial and initial_members:
         widen_inputs_from(start, initial_members[0])
+    elif config.output_prior is not None:
+        start_from_prior(start, config.output_prior)
     if config.base_steps > 0:  # a refinement warm start learns on fold 0's initial net
         base = fit(trainer, Member(start), 0, [prepared[i] for i in every], [],
                    config.base_steps, state_dir / f"{stage}-base.pt", f"{method} {stage} base")

@@ -101,3 +101,20 @@ def test_refinement_warm_start_reproduces_the_initial_net() -> None:
     images, extra = torch.randn(1, 2, 16, 16, 16), torch.randn(1, 3, 16, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(refinement(torch.cat([images, extra], 1)), initial(images), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", ["tiny", "reduced"])
+def test_a_net_from_scratch_starts_at_the_output_prior(config: str) -> None:
+    from service.science.training import start_from_prior
+
+    torch.manual_seed(4)
+    net = build_unet(INITIAL_CHANNELS, CONFIGS[config].architecture).eval()
+    images = torch.randn(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        before = torch.sigmoid(net(images)).median().item()
+        start_from_prior(net, 0.01)
+        after = torch.sigmoid(net(images)).median().item()
+    assert 0.3 < before < 0.7  # MONAI's initialisation: about 0.5 everywhere
+    assert 0.002 < after < 0.05  # near the prior (the residual path adds its own small offset)
+    with pytest.raises(ValueError, match="output prior"):
+        start_from_prior(net, 1.0)
