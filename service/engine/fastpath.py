@@ -208,14 +208,17 @@ def for_cpu_bfloat16(member: nn.Module) -> nn.Module:
     """A copy of ``member`` for bfloat16 autocast on a CPU: channels-last, instance norms as
     :class:`ChannelNorm`, stride-1 transposed convolutions as convolutions. The same
     function as ``member`` (equal to float32 rounding: tested); the original is untouched."""
-    rewritten = copy.deepcopy(member)
-    rewritten = _equivalent(rewritten) or rewritten
-    for parent in list(rewritten.modules()):
-        for name, child in list(parent.named_children()):
-            replacement = _equivalent(child)
-            if replacement is not None:
-                setattr(parent, name, replacement)
-    return rewritten.to(memory_format=torch.channels_last_3d)
+    return _rewritten(copy.deepcopy(member)).to(memory_format=torch.channels_last_3d)
+
+
+def _rewritten(module: nn.Module) -> nn.Module:
+    """``module`` with every layer that has an :func:`_equivalent` replaced by it, in place."""
+    replacement = _equivalent(module)
+    if replacement is not None:
+        return replacement
+    for name, child in list(module.named_children()):
+        setattr(module, name, _rewritten(child))
+    return module
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import torch
 
 from service.engine.checkpoints import load_checkpoint
 from service.engine.ensemble import Engine, resolve_device
-from service.engine.fastpath import cpu_has_bfloat16
+from service.engine.fastpath import cpu_bfloat16, cpu_has_bfloat16
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def load_engine(settings: Settings) -> Engine:
         )
     except ValueError as error:  # a window or precision the device cannot run: the operator must fix the setting
         raise RuntimeError(f"invalid fast-path settings: {error}") from error
-    if engine.precision == "bfloat16" and device.type == "cpu" and not cpu_has_bfloat16():
+    if cpu_bfloat16(device, engine.refinement.autocast) and not cpu_has_bfloat16():
         log.warning("bfloat16 on a CPU without bfloat16 instructions is many times slower than float32; "
                     "set ICR_AUTOCAST=auto or off")
     log.info(
