@@ -13,8 +13,10 @@ clicks for non-interactive nets), early stopping after ``patience`` validations
 without improvement. One member per fold of a k-fold split (a file, so runs
 are reproducible); ``base_steps`` > 0 first trains one network on every training
 case and starts each fold's member from it (the reduced configuration's way to fit
-five members into a CPU budget). Optimizer steps are the budget: an interaction
-step of 2S-ICR counts as one step, so every method gets the same number.
+five members into a CPU budget). The budget counts training samples (``budget =
+"samples"``, the paper's epochs: 2S-ICR's refinement makes one optimizer step per
+interaction, 1-15 per sample) or optimizer steps (``"steps"``: an interaction of 2S-ICR
+counts as one step, so every method gets the same number of optimizer steps).
 
 Training is resumable: each member's progress is saved after every validation and
 a rerun of the same command continues where it stopped.
@@ -78,9 +80,14 @@ class TrainConfig:
     spacing_mm: float
     patch_shape: tuple[int, int, int] | None
     lr: float
-    member_steps: int  # per fold member; 0 with ``epochs`` set: epochs x training cases
+    member_steps: int  # budget units per fold member; 0 with ``epochs`` set: epochs x training cases
     base_steps: int = 0
     epochs: int | None = None
+    # What the budget (``base_steps``, ``member_steps``, ``epochs``) counts: "samples" (a
+    # training sample with all its interactions is one unit, as the paper's epochs) or
+    # "steps" (optimizer steps: an interaction of 2S-ICR is one). The same for the other
+    # methods, which take one optimizer step per sample.
+    budget: str = "steps"
     weight_decay: float = 1e-5
     val_every: int = 100
     patience: int = 10
@@ -105,10 +112,10 @@ class TrainConfig:
 
 
 CONFIGS = {
-    # The paper: full 144^3 volumes at 1 mm, 300 epochs, lr 1e-4. For GPUs.
+    # The paper: full 144^3 volumes at 1 mm, 300 epochs (passes over the training cases), lr 1e-4. For GPUs.
     "paper": TrainConfig(
         name="paper", architecture=PAPER_ARCHITECTURE, grid_shape=(144, 144, 144), spacing_mm=1.0,
-        patch_shape=None, lr=1e-4, member_steps=0, epochs=300, val_every=500, patience=20,
+        patch_shape=None, lr=1e-4, member_steps=0, epochs=300, budget="samples", val_every=500, patience=20,
     ),
     # Fits every method on a 2-core CPU in well under an hour each: half-width UNet,
     # 64^3 grid at 2 mm (128 mm field), 48^3 patches, a shared warm start, lr 5e-4.
@@ -254,8 +261,15 @@ def fit(
     state_path: Path,
     label: str,
 ) -> Member:
-    """Optimise for ``steps`` steps, validating every ``val_every``; resumable from ``state_path``."""
+    """Train for ``steps`` budget units (see ``TrainConfig.budget``), validating every ``val_every``.
+
+    The cosine schedule advances once per unit. Resumable from ``state_path``, which is
+    written at every validation.
+    """
     config = trainer.config
+    if config.budget not in ("steps", "samples"):
+        raise ValueError(f"budget must count 'steps' or 'samples', not {config.budget!r}")
+    per_sample = config.budget == "samples"
     optimiser, schedule = _optimiser(member.net, config, steps)
     done, stale = 0, 0
     if state_path.exists():
@@ -267,41 +281,49 @@ def fit(
         member.best_state, member.best_metric, member.history = saved["best_state"], saved["best_metric"], saved["history"]
         trainer.rng = saved["rng"]
     member.net.to(trainer.device).train()
-    bar = tqdm(total=steps, initial=done, desc=label, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=done, desc=label, unit="sample" if per_sample else "step", dynamic_ncols=True)
     losses: list[float] = []
+
+    def count_unit() -> None:
+        """One budget unit done: advance the schedule, validate and save when due."""
+        nonlocal done, stale, losses
+        schedule.step()
+        done += 1
+        bar.update(1)
+        if done % config.val_every and done != steps:
+            return
+        entry = {"step": done, "loss": float(np.mean(losses))}
+        if val_cases:  # a warm start has no validation: it keeps its last state
+            metric = trainer.validate(member.net, fold, val_cases)
+            entry["val_dsc"] = metric
+            if metric > member.best_metric:
+                member.best_metric, stale = metric, 0
+                member.best_state = copy.deepcopy(member.net.state_dict())
+            else:
+                stale += 1
+        member.history.append(entry)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k != "step"})
+        losses = []
+        torch.save(
+            {"net": member.net.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
+             "step": done, "stale": stale, "best_state": member.best_state, "best_metric": member.best_metric,
+             "history": member.history, "rng": trainer.rng},
+            state_path,
+        )
+
     while done < steps and stale < config.patience:
         for closure in trainer.steps(member.net, fold, train_cases):
-            if done >= steps:
+            if done >= steps or stale >= config.patience:
                 break
             optimiser.zero_grad()
             loss = closure()
             loss.backward()
             optimiser.step()
-            schedule.step()
-            done += 1
             losses.append(loss.item())
-            bar.update(1)
-            if done % config.val_every == 0 or done == steps:
-                entry = {"step": done, "loss": float(np.mean(losses))}
-                if val_cases:  # a warm start has no validation: it keeps its last state
-                    metric = trainer.validate(member.net, fold, val_cases)
-                    entry["val_dsc"] = metric
-                    if metric > member.best_metric:
-                        member.best_metric, stale = metric, 0
-                        member.best_state = copy.deepcopy(member.net.state_dict())
-                    else:
-                        stale += 1
-                member.history.append(entry)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k != "step"})
-                losses = []
-                torch.save(
-                    {"net": member.net.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
-                     "step": done, "stale": stale, "best_state": member.best_state, "best_metric": member.best_metric,
-                     "history": member.history, "rng": trainer.rng},
-                    state_path,
-                )
-                if stale >= config.patience:
-                    break
+            if not per_sample:
+                count_unit()
+        if per_sample:
+            count_unit()
     bar.close()
     if member.best_state is not None:
         member.net.load_state_dict(member.best_state)
@@ -462,7 +484,8 @@ def _run(args: argparse.Namespace) -> int:
 
     config = CONFIGS[args.config]
     overrides = {k: v for k, v in (("base_steps", args.base_steps), ("member_steps", args.steps),
-                                   ("p_drop", args.p_drop), ("folds", args.folds)) if v is not None}
+                                   ("p_drop", args.p_drop), ("folds", args.folds), ("budget", args.budget))
+                 if v is not None}
     config = replace(config, **overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -487,8 +510,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--cases", help="file listing the case ids to use (default: all found)")
     parser.add_argument("--folds-file", help="folds.json to reuse (default: a seeded k-fold split, written to --out)")
     parser.add_argument("--folds", type=int, help="number of folds = ensemble members (default 5)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per member (overrides the configuration)")
-    parser.add_argument("--base-steps", type=int, help="steps of the shared warm start (0: none)")
+    parser.add_argument("--steps", type=int, help="budget units (see --budget) per member (overrides the configuration)")
+    parser.add_argument("--base-steps", type=int, help="budget units of the shared warm start (0: none)")
+    parser.add_argument("--budget", choices=("steps", "samples"),
+                        help="what --steps/--base-steps/epochs count: optimizer steps (an interaction of 2S-ICR is one; "
+                        "'reduced' default) or training samples with all their interactions (the paper's epochs; "
+                        "'paper' default)")
     parser.add_argument("--p-drop", type=float, help="mask dropout probability for 2S-ICR refinement (default 0.2)")
     parser.add_argument("--initial-from", help="reuse this checkpoint's initial ensemble instead of training one: 2s-icr refines on it "
                         "(frozen), deepgrow/deepedit start from it (reduced configuration)")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine.checkpoints import load_checkpoint
+from service.engine.checkpoints import STAGE_CHANNELS, load_checkpoint
 from service.engine.loading import load_engine
 from service.engine.networks import INITIAL_CHANNELS, build_unet
 from service.science.dataset import find_cases, load_prepared
@@ -47,6 +47,35 @@ def test_fitting_lowers_the_loss(phantom_dir: Path, tmp_path: Path) -> None:
     before = loss()
     fit(trainer, Member(net), 0, [case], [case], 30, tmp_path / "state.pt", "test")
     assert loss() < before - 0.05
+
+
+@pytest.mark.parametrize("budget", ["steps", "samples"])
+def test_the_budget_counts_optimizer_steps_or_whole_samples(budget: str, phantom_dir: Path, tmp_path: Path) -> None:
+    # 2S-ICR's refinement makes one optimizer step per interaction (1-3 per sample here)
+    config = replace(CONFIGS["tiny"], budget=budget, max_train_clicks=3, val_every=3)
+    case = load_prepared(find_cases(phantom_dir)[0], config.grid_shape, config.spacing_mm)
+    torch.manual_seed(0)
+    trainer = StageTrainer("2s-icr", "refinement", config, CPU, seed=0)
+    trainer.initial_nets = {0: build_unet(INITIAL_CHANNELS, config.architecture).eval()}
+    interactions: list[int] = []
+    sample_steps = trainer.steps
+
+    def counted(*args):
+        closures = sample_steps(*args)
+        interactions.append(len(closures))
+        return closures
+
+    trainer.steps = counted
+    net = build_unet(STAGE_CHANNELS["refinement"], config.architecture)
+    fit(trainer, Member(net), 0, [case], [case], 6, tmp_path / "state.pt", "test")
+    saved = torch.load(tmp_path / "state.pt", weights_only=False)
+    optimizer_steps = int(saved["optimiser"]["state"][0]["step"])
+    assert saved["step"] == saved["schedule"]["last_epoch"] == 6
+    assert [entry["step"] for entry in saved["history"]] == [3, 6]
+    if budget == "samples":
+        assert len(interactions) == 6 and optimizer_steps == sum(interactions) > 6
+    else:
+        assert optimizer_steps == 6 and len(interactions) < 6
 
 
 def test_training_writes_a_checkpoint_the_service_loads(phantom_dir: Path, tmp_path: Path) -> None:
