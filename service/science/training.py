@@ -484,7 +484,8 @@ def _run(args: argparse.Namespace) -> int:
 
     config = CONFIGS[args.config]
     overrides = {k: v for k, v in (("base_steps", args.base_steps), ("member_steps", args.steps),
-                                   ("p_drop", args.p_drop), ("folds", args.folds), ("budget", args.budget))
+                                   ("p_drop", args.p_drop), ("folds", args.folds), ("budget", args.budget),
+                                   ("lr", args.lr))
                  if v is not None}
     config = replace(config, **overrides)
     if args.threads:
@@ -516,6 +517,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="what --steps/--base-steps/epochs count: optimizer steps (an interaction of 2S-ICR is one; "
                         "'reduced' default) or training samples with all their interactions (the paper's epochs; "
                         "'paper' default)")
+    parser.add_argument("--lr", type=float, help="peak learning rate of the cosine schedule (overrides the configuration)")
     parser.add_argument("--p-drop", type=float, help="mask dropout probability for 2S-ICR refinement (default 0.2)")
     parser.add_argument("--initial-from", help="reuse this checkpoint's initial ensemble instead of training one: 2s-icr refines on it "
                         "(frozen), deepgrow/deepedit start from it (reduced configuration)")
