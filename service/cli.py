@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--seed", type=int, default=0, help="seed of the set; each case derives its own")
     phantoms.set_defaults(run=_phantoms)
 
-    for module in ("service.science.training", "service.science.evaluation", "service.bench"):
+    for module in ("service.science.training", "service.science.evaluation", "service.science.ablation",
+                   "service.bench"):
         _register(commands, module)
     return parser
 
