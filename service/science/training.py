@@ -104,6 +104,9 @@ class TrainConfig:
     # so every method gets the same steps. Not in the paper; it is what makes a CPU
     # budget enough.
     interactive_from_initial: bool = False
+    # ...except 2S-ICR's refinement net when False: a copy of the initial net computes
+    # its memory itself, so the memory adds nothing to learn from and stays unused.
+    refinement_from_initial: bool = True
     # A net built from scratch starts by predicting this foreground share everywhere
     # (its output bias is the share's logit, as for detectors' rare classes): with
     # MONAI's zero bias it starts at 0.5, and at a small budget some seeds never left
@@ -357,6 +360,18 @@ def start_from_prior(net: UNet, prior: float) -> None:
         last.bias.fill_(math.log(prior / (1 - prior)))
 
 
+def starting_net(stage: str, config: TrainConfig, initial_members: list[UNet] | None = None) -> UNet:
+    """A stage's net before training: a widened copy of the first initial member (see
+    ``interactive_from_initial``, ``refinement_from_initial``), else built from scratch."""
+    net = build_unet(STAGE_CHANNELS[stage], config.architecture)
+    copy_initial = stage == "interactive" or (stage == "refinement" and config.refinement_from_initial)
+    if copy_initial and config.interactive_from_initial and initial_members:
+        widen_inputs_from(net, initial_members[0])
+    elif config.output_prior is not None:
+        start_from_prior(net, config.output_prior)
+    return net
+
+
 def train_stage(
     method: str,
     stage: str,
@@ -373,11 +388,7 @@ def train_stage(
         trainer.initial_nets = {f: net.to(device).eval() for f, net in enumerate(initial_members)}
     every = sorted({i for fold in folds for i in fold["train"] + fold["val"]})
     torch.manual_seed(seed)
-    start = build_unet(STAGE_CHANNELS[stage], config.architecture)
-    if stage != "initial" and config.interactive_from_initial and initial_members:
-        widen_inputs_from(start, initial_members[0])
-    elif config.output_prior is not None:
-        start_from_prior(start, config.output_prior)
+    start = starting_net(stage, config, initial_members)
     if config.base_steps > 0:  # a refinement warm start learns on fold 0's initial net
         base = fit(trainer, Member(start), 0, [prepared[i] for i in every], [],
                    config.base_steps, state_dir / f"{stage}-base.pt", f"{method} {stage} base")
@@ -485,7 +496,9 @@ def _run(args: argparse.Namespace) -> int:
     config = CONFIGS[args.config]
     overrides = {k: v for k, v in (("base_steps", args.base_steps), ("member_steps", args.steps),
                                    ("p_drop", args.p_drop), ("folds", args.folds), ("budget", args.budget),
-                                   ("lr", args.lr))
+                                   ("lr", args.lr),
+                                   ("refinement_from_initial", None if args.refinement_from is None
+                                    else args.refinement_from == "initial"))
                  if v is not None}
     config = replace(config, **overrides)
     if args.threads:
@@ -517,6 +530,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="what --steps/--base-steps/epochs count: optimizer steps (an interaction of 2S-ICR is one; "
                         "'reduced' default) or training samples with all their interactions (the paper's epochs; "
                         "'paper' default)")
+    parser.add_argument("--refinement-from", choices=("initial", "scratch"),
+                        help="2S-ICR: start the refinement net as a copy of the initial net (extra inputs at zero) "
+                        "or from scratch (the paper)")
     parser.add_argument("--lr", type=float, help="peak learning rate of the cosine schedule (overrides the configuration)")
     parser.add_argument("--p-drop", type=float, help="mask dropout probability for 2S-ICR refinement (default 0.2)")
     parser.add_argument("--initial-from", help="reuse this checkpoint's initial ensemble instead of training one: 2s-icr refines on it "

@@ -132,6 +132,28 @@ def test_refinement_warm_start_reproduces_the_initial_net() -> None:
         torch.testing.assert_close(refinement(torch.cat([images, extra], 1)), initial(images), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("refinement_from_initial", [True, False])
+def test_which_click_taking_nets_start_as_the_initial_net(refinement_from_initial: bool) -> None:
+    from service.science.training import starting_net
+
+    # first layer wider than every input, so the initial and the widened nets have the same layers
+    architecture = replace(CONFIGS["tiny"].architecture, channels=(6, 8, 16))
+    config = replace(CONFIGS["tiny"], architecture=architecture, interactive_from_initial=True,
+                     refinement_from_initial=refinement_from_initial)
+    torch.manual_seed(2)
+    initial = build_unet(INITIAL_CHANNELS, config.architecture).eval()
+    images = torch.randn(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        expected = initial(images)
+        for stage, extra in (("interactive", 2), ("refinement", 3)):
+            net = starting_net(stage, config, [initial]).eval()
+            output = net(torch.cat([images, torch.rand(1, extra, 16, 16, 16)], 1))
+            copied = stage == "interactive" or refinement_from_initial
+            assert torch.allclose(output, expected, atol=1e-5) == copied
+            if not copied:  # from scratch, at the output prior
+                assert torch.sigmoid(output).median().item() < 0.05
+
+
 @pytest.mark.parametrize("config", ["tiny", "reduced"])
 def test_a_net_from_scratch_starts_at_the_output_prior(config: str) -> None:
     from service.science.training import start_from_prior
