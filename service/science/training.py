@@ -104,8 +104,10 @@ class TrainConfig:
     # so every method gets the same steps. Not in the paper; it is what makes a CPU
     # budget enough.
     interactive_from_initial: bool = False
-    # ...except 2S-ICR's refinement net when False: a copy of the initial net computes
-    # its memory itself, so the memory adds nothing to learn from and stays unused.
+    # False: 2S-ICR's refinement net starts from scratch (as in the paper) all the same.
+    # A copy of the initial net computes its memory itself; a net from scratch sees its
+    # own, at first uninformative, outputs as memory. At the reduced budget neither
+    # learned to use the memory (docs/results/phantom-eval-equal-lineage.md).
     refinement_from_initial: bool = True
     # A net built from scratch starts by predicting this foreground share everywhere
     # (its output bias is the share's logit, as for detectors' rare classes): with
