@@ -11,33 +11,24 @@ import torch
 
 from service.engine.checkpoints import load_checkpoint, write_checkpoint
 from service.engine.ensemble import Engine
-from service.engine.networks import (
-    INITIAL_CHANNELS,
-    REFINEMENT_CHANNELS,
-    Architecture,
-    build_unet,
-)
 from service.science.ablation import VARIANTS, ablate, ablate_case, register
 from service.science.dataset import find_cases, load_prepared
 from service.science.evaluation import interaction_curve, repetition_rng
 from service.science.phantoms import write_cases
 
-TINY = Architecture(channels=(4, 8, 16), strides=(1, 2), num_res_units=1)
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def inputs(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two phantom cases, the shared random 2S-ICR checkpoint and a U-Net made of its initial members."""
     root = tmp_path_factory.mktemp("ablation")
     write_cases(root / "data", 2, seed=11)
-    torch.manual_seed(0)
-    stages = {"initial": [build_unet(INITIAL_CHANNELS, TINY) for _ in range(2)],
-              "refinement": [build_unet(REFINEMENT_CHANNELS, TINY) for _ in range(2)]}
-    write_checkpoint(root / "2s-icr", stages, method="2s-icr", architecture=TINY, grid_shape=(24, 24, 24),
-                     spacing_mm=4.0, description="random 2s-icr | test weights")
-    write_checkpoint(root / "unet", {"initial": stages["initial"]}, method="unet", architecture=TINY,
-                     grid_shape=(24, 24, 24), spacing_mm=4.0, description="random unet | test weights")
-    return {"data": root / "data", "2s-icr": root / "2s-icr", "unet": root / "unet"}
+    checkpoint = load_checkpoint(tiny_weights)
+    write_checkpoint(root / "unet", {"initial": checkpoint.stages["initial"]}, method="unet",
+                     architecture=checkpoint.architecture, grid_shape=checkpoint.grid_shape,
+                     spacing_mm=checkpoint.spacing_mm, description="random unet | test weights")
+    return {"data": root / "data", "2s-icr": tiny_weights, "unet": root / "unet"}
 
 
 def test_memory_and_click_is_the_protocols_first_click(inputs: dict[str, Path]) -> None:
