@@ -28,8 +28,9 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def test_fitting_lowers_the_loss(phantom_dir: Path, tmp_path: Path) -> None:
-    config = replace(CONFIGS["tiny"], lr=3e-3, val_every=5)
+@pytest.mark.parametrize("autocast", ["off", "bfloat16"])
+def test_fitting_lowers_the_loss(autocast: str, phantom_dir: Path, tmp_path: Path) -> None:
+    config = replace(CONFIGS["tiny"], lr=3e-3, val_every=5, autocast=autocast)
     case = load_prepared(find_cases(phantom_dir)[0], config.grid_shape, config.spacing_mm)
     torch.manual_seed(0)
     net = build_unet(INITIAL_CHANNELS, config.architecture)
@@ -76,6 +77,22 @@ def test_the_budget_counts_optimizer_steps_or_whole_samples(budget: str, phantom
         assert len(interactions) == 6 and optimizer_steps == sum(interactions) > 6
     else:
         assert optimizer_steps == 6 and len(interactions) < 6
+
+
+@pytest.mark.parametrize(("method", "stage"), [("2s-icr", "refinement"), ("deepgrow", "interactive")])
+def test_mixed_precision_trains_the_click_taking_stages(method: str, stage: str, phantom_dir: Path, tmp_path: Path) -> None:
+    config = replace(CONFIGS["tiny"], autocast="bfloat16", max_train_clicks=3, val_every=2)
+    case = load_prepared(find_cases(phantom_dir)[0], config.grid_shape, config.spacing_mm)
+    torch.manual_seed(0)
+    trainer = StageTrainer(method, stage, config, CPU, seed=0)
+    trainer.initial_nets = {0: build_unet(INITIAL_CHANNELS, config.architecture).eval()}
+    net = build_unet(STAGE_CHANNELS[stage], config.architecture)
+    before = {name: value.clone() for name, value in net.state_dict().items()}
+    member = fit(trainer, Member(net), 0, [case], [case], 2, tmp_path / "state.pt", "test")
+    after = member.net.state_dict()
+    assert all(value.dtype == torch.float32 for value in after.values())  # the weights stay float32
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    assert 0.0 <= member.best_metric <= 1.0
 
 
 def test_training_writes_a_checkpoint_the_service_loads(phantom_dir: Path, tmp_path: Path) -> None:
@@ -154,7 +171,7 @@ def test_which_click_taking_nets_start_as_the_initial_net(refinement_from_initia
                 assert torch.sigmoid(output).median().item() < 0.05
 
 
-@pytest.mark.parametrize("config", ["tiny", "reduced"])
+@pytest.mark.parametrize("config", ["tiny", "reduced", "paper-cpu"])
 def test_a_net_from_scratch_starts_at_the_output_prior(config: str) -> None:
     from service.science.training import start_from_prior
 
