@@ -563,8 +563,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--initial-from", help="reuse this checkpoint's initial ensemble instead of training one: 2s-icr refines on it "
                         "(frozen), deepgrow/deepedit start from it (reduced configuration)")
     parser.add_argument("--autocast", choices=AUTOCAST_CHOICES,
-                        help="mixed-precision forward passes (default off: float32; bfloat16 on CPUs with bfloat16 "
-                        "instructions is about 2.5x faster; float16 on CUDA uses a gradient scaler)")
+                        help="mixed-precision forward passes (default: the configuration's, off = float32 except "
+                        "paper-cpu's auto; bfloat16 on CPUs with bfloat16 instructions is about 2.5x faster; "
+                        "float16 on CUDA uses a gradient scaler)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, help="CPU threads")
