@@ -249,12 +249,11 @@ class StageTrainer:
             spacing_mm=self.config.spacing_mm, click_sigma_voxels=self.config.click_sigma_voxels,
             stages=stages, digest="training", description="",
         )
-        autocast = self.config.autocast
         if self.stage == "refinement":
-            return Engine(checkpoint, self.device, autocast=autocast)
+            return Engine(checkpoint, self.device, autocast=self.config.autocast)
         if self.stage == "initial":
-            return NonInteractive(checkpoint, self.device, autocast)
-        return ClickGuided(checkpoint, self.device, autocast)
+            return NonInteractive(checkpoint, self.device, self.config.autocast)
+        return ClickGuided(checkpoint, self.device, self.config.autocast)
 
     def validate(self, net: UNet, fold: int, cases: Sequence[PreparedCase]) -> float:
         """Mean DSC over 0..val_clicks clicks (0 clicks for an initial net)."""
@@ -332,8 +331,8 @@ def fit(
         losses = []
         torch.save(
             {"net": member.net.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
-             "scaler": scaler.state_dict(), "step": done, "stale": stale, "best_state": member.best_state, "best_metric": member.best_metric,
-             "history": member.history, "rng": trainer.rng},
+             "scaler": scaler.state_dict(), "step": done, "stale": stale, "best_state": member.best_state,
+             "best_metric": member.best_metric, "history": member.history, "rng": trainer.rng},
             state_path,
         )
 
@@ -526,10 +525,16 @@ def _run(args: argparse.Namespace) -> int:
                                     else args.refinement_from == "initial"))
                  if v is not None}
     config = replace(config, **overrides)
+    device = resolve_device(args.device)
+    try:  # refuse a dtype the device lacks before preparing any case
+        autocast_dtype(config.autocast, device)
+    except ValueError as error:
+        log.error("cannot train: %s", error)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     weights = train(
-        args.method, Path(args.data), Path(args.out), config, seed=args.seed, device=resolve_device(args.device),
+        args.method, Path(args.data), Path(args.out), config, seed=args.seed, device=device,
         case_ids=read_case_list(Path(args.cases)) if args.cases else None,
         folds_path=Path(args.folds_file) if args.folds_file else None,
         cache_dir=Path(args.cache) if args.cache else Path(args.out) / "cache",
