@@ -182,6 +182,12 @@ class StageTrainer:
         self.transforms = training_transforms(config.spacing_mm, config.patch_shape)
         self.loss = _loss()
         self.initial_nets: dict[int, UNet] = {}  # frozen initial member per fold (2S-ICR refinement)
+        self.precision = autocast_dtype(config.autocast, device)
+
+    def _infer(self, net: UNet, inputs: np.ndarray) -> torch.Tensor:
+        """A gradient-free pass (frozen initial net, simulated clicks) in the training precision; float32 logits."""
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.precision, enabled=self.precision is not None):
+            return net(_tensor(inputs, self.device)).float()
 
     # -- one optimisation step (or several, for 2S-ICR interactions) ---------------
     def _sample(self, cases: Sequence[PreparedCase]) -> tuple[np.ndarray, np.ndarray]:
@@ -202,8 +208,7 @@ class StageTrainer:
         self, net: UNet, fold: int, images: np.ndarray, truth: np.ndarray, target: torch.Tensor
     ) -> list[Callable[[], torch.Tensor]]:
         """1-15 interactions; each is a forward/backward on the last output (memory)."""
-        with torch.inference_mode():
-            state = {"previous": torch.sigmoid(self.initial_nets[fold](_tensor(images, self.device)))[0, 0].cpu().numpy()}
+        state = {"previous": torch.sigmoid(self._infer(self.initial_nets[fold], images))[0, 0].cpu().numpy()}
         clicks: list[Click] = []
         interactions = int(self.rng.integers(1, self.config.max_train_clicks + 1))
 
@@ -234,8 +239,7 @@ class StageTrainer:
                     break
                 clicks.append(Click(click.label, click.voxel))
                 maps = click_maps(clicks, truth.shape, self.config.click_sigma_voxels)
-                with torch.inference_mode():
-                    prediction = (net(_tensor(np.concatenate([images, maps]), self.device)) > 0)[0, 0].cpu().numpy()
+                prediction = (self._infer(net, np.concatenate([images, maps])) > 0)[0, 0].cpu().numpy()
         maps = click_maps(clicks, truth.shape, self.config.click_sigma_voxels)
         return lambda: self.loss(net(_tensor(np.concatenate([images, maps]), self.device)), target)
 
@@ -293,7 +297,7 @@ def fit(
         raise ValueError(f"budget must count 'steps' or 'samples', not {config.budget!r}")
     per_sample = config.budget == "samples"
     optimiser, schedule = _optimiser(member.net, config, steps)
-    precision = autocast_dtype(config.autocast, trainer.device)
+    precision = trainer.precision
     scaler = torch.amp.GradScaler(trainer.device.type, enabled=precision is torch.float16)
     done, stale = 0, 0
     if state_path.exists():
