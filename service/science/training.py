@@ -110,6 +110,12 @@ class TrainConfig:
     # own, at first uninformative, outputs as memory. At the reduced budget neither
     # learned to use the memory (docs/results/phantom-eval-equal-lineage.md).
     refinement_from_initial: bool = True
+    # Whose output is a 2S-ICR refinement sample's first memory: "fold", the frozen initial
+    # member of the fold being trained, which has seen most of its training cases (its
+    # masks there are better than at test time, and its errors, which the clicks mark, are
+    # smaller); "held-out", the initial member whose validation fold holds the case, i.e.
+    # a mask made without that case, as the initial ensemble's masks are at test time.
+    refinement_memory: str = "fold"
     # A net built from scratch starts by predicting this foreground share everywhere
     # (its output bias is the share's logit, as for detectors' rare classes): with
     # MONAI's zero bias it starts at 0.5, and at a small budget some seeds never left
@@ -182,6 +188,7 @@ class StageTrainer:
         self.transforms = training_transforms(config.spacing_mm, config.patch_shape)
         self.loss = _loss()
         self.initial_nets: dict[int, UNet] = {}  # frozen initial member per fold (2S-ICR refinement)
+        self.held_out_by: dict[str, int] = {}  # case id -> the fold that validates on it
         self.precision = autocast_dtype(config.autocast, device)
 
     def _infer(self, net: UNet, inputs: np.ndarray) -> torch.Tensor:
@@ -190,25 +197,38 @@ class StageTrainer:
             return net(_tensor(inputs, self.device)).float()
 
     # -- one optimisation step (or several, for 2S-ICR interactions) ---------------
-    def _sample(self, cases: Sequence[PreparedCase]) -> tuple[np.ndarray, np.ndarray]:
+    def _sample(self, cases: Sequence[PreparedCase]) -> tuple[str, np.ndarray, np.ndarray]:
         case = cases[int(self.rng.integers(len(cases)))]
-        return augmented_sample(self.transforms, case.images, case.truth, int(self.rng.integers(2**31)))
+        return case.id, *augmented_sample(self.transforms, case.images, case.truth, int(self.rng.integers(2**31)))
 
     def steps(self, net: UNet, fold: int, cases: Sequence[PreparedCase]) -> list[Callable[[], torch.Tensor]]:
         """The loss closures of one training sample (several for interactive training)."""
-        images, truth = self._sample(cases)
+        case_id, images, truth = self._sample(cases)
         target = _tensor(truth[None].astype(np.float32), self.device)
         if self.stage == "initial":
             return [lambda: self.loss(net(_tensor(images, self.device)), target)]
         if self.stage == "refinement":
-            return self._refinement_steps(net, fold, images, truth, target)
+            return self._refinement_steps(net, self.memory_net(case_id, fold), images, truth, target)
         return [self._click_guided_step(net, images, truth, target)]
 
+    def use_initial(self, members: Sequence[UNet], folds: Sequence[dict[str, list[str]]]) -> None:
+        """The frozen initial ensemble (one member per fold) that refinement samples start from."""
+        self.initial_nets = {f: net.to(self.device).eval() for f, net in enumerate(members)}
+        self.held_out_by = {case_id: f for f, fold in enumerate(folds) for case_id in fold["val"]}
+
+    def memory_net(self, case_id: str, fold: int) -> UNet:
+        """The frozen initial member whose output is a refinement sample's first memory."""
+        if self.config.refinement_memory == "held-out":
+            return self.initial_nets[self.held_out_by.get(case_id, fold)]
+        if self.config.refinement_memory != "fold":
+            raise ValueError(f"refinement memory comes from 'fold' or 'held-out', not {self.config.refinement_memory!r}")
+        return self.initial_nets[fold]
+
     def _refinement_steps(
-        self, net: UNet, fold: int, images: np.ndarray, truth: np.ndarray, target: torch.Tensor
+        self, net: UNet, initial: UNet, images: np.ndarray, truth: np.ndarray, target: torch.Tensor
     ) -> list[Callable[[], torch.Tensor]]:
         """1-15 interactions; each is a forward/backward on the last output (memory)."""
-        state = {"previous": torch.sigmoid(self._infer(self.initial_nets[fold], images))[0, 0].cpu().numpy()}
+        state = {"previous": torch.sigmoid(self._infer(initial, images))[0, 0].cpu().numpy()}
         clicks: list[Click] = []
         interactions = int(self.rng.integers(1, self.config.max_train_clicks + 1))
 
@@ -413,7 +433,7 @@ def train_stage(
 ) -> tuple[list[UNet], list[dict]]:
     trainer = StageTrainer(method, stage, config, device, seed)
     if initial_members is not None:
-        trainer.initial_nets = {f: net.to(device).eval() for f, net in enumerate(initial_members)}
+        trainer.use_initial(initial_members, folds)
     every = sorted({i for fold in folds for i in fold["train"] + fold["val"]})
     torch.manual_seed(seed)
     start = starting_net(stage, config, initial_members)
@@ -526,7 +546,8 @@ def _run(args: argparse.Namespace) -> int:
                                    ("p_drop", args.p_drop), ("folds", args.folds), ("budget", args.budget),
                                    ("lr", args.lr), ("autocast", args.autocast),
                                    ("refinement_from_initial", None if args.refinement_from is None
-                                    else args.refinement_from == "initial"))
+                                    else args.refinement_from == "initial"),
+                                   ("refinement_memory", args.memory_from))
                  if v is not None}
     config = replace(config, **overrides)
     device = resolve_device(args.device)
@@ -567,6 +588,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--refinement-from", choices=("initial", "scratch"),
                         help="2S-ICR: start the refinement net as a copy of the initial net (extra inputs at zero) "
                         "or from scratch (the paper)")
+    parser.add_argument("--memory-from", choices=("fold", "held-out"),
+                        help="2S-ICR: the first memory of a refinement sample is the output of the fold's own initial "
+                        "member (default) or of the initial member that never trained on the case (as at test time)")
     parser.add_argument("--lr", type=float, help="peak learning rate of the cosine schedule (overrides the configuration)")
     parser.add_argument("--p-drop", type=float, help="mask dropout probability for 2S-ICR refinement (default 0.2)")
     parser.add_argument("--initial-from", help="reuse this checkpoint's initial ensemble instead of training one: 2s-icr refines on it "

@@ -57,7 +57,7 @@ def test_the_budget_counts_optimizer_steps_or_whole_samples(budget: str, phantom
     case = load_prepared(find_cases(phantom_dir)[0], config.grid_shape, config.spacing_mm)
     torch.manual_seed(0)
     trainer = StageTrainer("2s-icr", "refinement", config, CPU, seed=0)
-    trainer.initial_nets = {0: build_unet(INITIAL_CHANNELS, config.architecture).eval()}
+    trainer.use_initial([build_unet(INITIAL_CHANNELS, config.architecture)], [{"train": [case.id], "val": []}])
     interactions: list[int] = []
     sample_steps = trainer.steps
 
@@ -85,7 +85,7 @@ def test_mixed_precision_trains_the_click_taking_stages(method: str, stage: str,
     case = load_prepared(find_cases(phantom_dir)[0], config.grid_shape, config.spacing_mm)
     torch.manual_seed(0)
     trainer = StageTrainer(method, stage, config, CPU, seed=0)
-    trainer.initial_nets = {0: build_unet(INITIAL_CHANNELS, config.architecture).eval()}
+    trainer.use_initial([build_unet(INITIAL_CHANNELS, config.architecture)], [{"train": [case.id], "val": []}])
     net = build_unet(STAGE_CHANNELS[stage], config.architecture)
     before = {name: value.clone() for name, value in net.state_dict().items()}
     member = fit(trainer, Member(net), 0, [case], [case], 2, tmp_path / "state.pt", "test")
@@ -93,6 +93,18 @@ def test_mixed_precision_trains_the_click_taking_stages(method: str, stage: str,
     assert all(value.dtype == torch.float32 for value in after.values())  # the weights stay float32
     assert any(not torch.equal(before[name], after[name]) for name in before)
     assert 0.0 <= member.best_metric <= 1.0
+
+
+@pytest.mark.parametrize(("memory", "expected"), [("fold", [0, 1]), ("held-out", [1, 0])])
+def test_refinement_memory_comes_from_the_fold_member_or_the_one_that_never_saw_the_case(
+    memory: str, expected: list[int]
+) -> None:
+    config = replace(CONFIGS["tiny"], refinement_memory=memory)
+    trainer = StageTrainer("2s-icr", "refinement", config, CPU, seed=0)
+    members = [build_unet(INITIAL_CHANNELS, config.architecture) for _ in range(2)]
+    trainer.use_initial(members, [{"train": ["a"], "val": ["b"]}, {"train": ["b"], "val": ["a"]}])
+    # fold 0 trains on case a, fold 1 on case b
+    assert [trainer.memory_net("a", 0), trainer.memory_net("b", 1)] == [members[i] for i in expected]
 
 
 def test_training_writes_a_checkpoint_the_service_loads(phantom_dir: Path, tmp_path: Path) -> None:
