@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -481,7 +482,8 @@ def plot_curves(report: Mapping[str, Any], path: Path) -> None:
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 2)
     names = list(report["methods"])
-    colours = {name: f"C{index % 10}" for index, name in enumerate(names)}
+    palette = [f"C{index}" for index in range(10)] if len(names) <= 10 else [matplotlib.colormaps["tab20"](i) for i in range(20)]
+    colours = {name: palette[index % len(palette)] for index, name in enumerate(names)}
     others = [name for name in names if name != reference]
     for ax, metric, label in ((axes[0], "dsc", "DSC"), (axes[1], "hd95", "HD95 (mm)")):
         for name in names:
