@@ -115,6 +115,7 @@ class TrainConfig:
     # masks there are better than at test time, and its errors, which the clicks mark, are
     # smaller); "held-out", the initial member whose validation fold holds the case, i.e.
     # a mask made without that case, as the initial ensemble's masks are at test time.
+    # On phantoms "fold" did better (docs/results/phantom-eval-samples-budget.md).
     refinement_memory: str = "fold"
     # A net built from scratch starts by predicting this foreground share everywhere
     # (its output bias is the share's logit, as for detectors' rare classes): with
@@ -437,7 +438,7 @@ def train_stage(
     every = sorted({i for fold in folds for i in fold["train"] + fold["val"]})
     torch.manual_seed(seed)
     start = starting_net(stage, config, initial_members)
-    if config.base_steps > 0:  # a refinement warm start learns on fold 0's initial net
+    if config.base_steps > 0:  # a refinement warm start takes its memories as fold 0 would
         base = fit(trainer, Member(start), 0, [prepared[i] for i in every], [],
                    config.base_steps, state_dir / f"{stage}-base.pt", f"{method} {stage} base")
         start = base.net
