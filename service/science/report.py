@@ -482,7 +482,7 @@ def plot_curves(report: Mapping[str, Any], path: Path) -> None:
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 2)
     names = list(report["methods"])
-    palette = [f"C{index}" for index in range(10)] if len(names) <= 10 else [matplotlib.colormaps["tab20"](i) for i in range(20)]
+    palette = [f"C{index}" for index in range(10)] if len(names) <= 10 else list(matplotlib.colormaps["tab20"].colors)
     colours = {name: palette[index % len(palette)] for index, name in enumerate(names)}
     others = [name for name in names if name != reference]
     for ax, metric, label in ((axes[0], "dsc", "DSC"), (axes[1], "hd95", "HD95 (mm)")):

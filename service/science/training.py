@@ -191,10 +191,16 @@ class StageTrainer:
         self.initial_nets: dict[int, UNet] = {}  # frozen initial member per fold (2S-ICR refinement)
         self.held_out_by: dict[str, int] = {}  # case id -> the fold that validates on it
         self.precision = autocast_dtype(config.autocast, device)
+        if config.refinement_memory not in ("fold", "held-out"):
+            raise ValueError(f"refinement memory comes from 'fold' or 'held-out', not {config.refinement_memory!r}")
+
+    def reduced_precision(self) -> torch.autocast:
+        """The forward passes' autocast context (a no-op for float32 training)."""
+        return torch.autocast(self.device.type, dtype=self.precision, enabled=self.precision is not None)
 
     def _infer(self, net: UNet, inputs: np.ndarray) -> torch.Tensor:
         """A gradient-free pass (frozen initial net, simulated clicks) in the training precision; float32 logits."""
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.precision, enabled=self.precision is not None):
+        with torch.inference_mode(), self.reduced_precision():
             return net(_tensor(inputs, self.device)).float()
 
     # -- one optimisation step (or several, for 2S-ICR interactions) ---------------
@@ -221,8 +227,6 @@ class StageTrainer:
         """The frozen initial member whose output is a refinement sample's first memory."""
         if self.config.refinement_memory == "held-out":
             return self.initial_nets[self.held_out_by.get(case_id, fold)]
-        if self.config.refinement_memory != "fold":
-            raise ValueError(f"refinement memory comes from 'fold' or 'held-out', not {self.config.refinement_memory!r}")
         return self.initial_nets[fold]
 
     def _refinement_steps(
@@ -318,8 +322,7 @@ def fit(
         raise ValueError(f"budget must count 'steps' or 'samples', not {config.budget!r}")
     per_sample = config.budget == "samples"
     optimiser, schedule = _optimiser(member.net, config, steps)
-    precision = trainer.precision
-    scaler = torch.amp.GradScaler(trainer.device.type, enabled=precision is torch.float16)
+    scaler = torch.amp.GradScaler(trainer.device.type, enabled=trainer.precision is torch.float16)
     done, stale = 0, 0
     if state_path.exists():
         saved = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -366,7 +369,7 @@ def fit(
             if done >= steps or stale >= config.patience:
                 break
             optimiser.zero_grad()
-            with torch.autocast(trainer.device.type, dtype=precision, enabled=precision is not None):
+            with trainer.reduced_precision():
                 loss = closure()
             scaler.scale(loss).backward()
             scaler.step(optimiser)
