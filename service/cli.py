@@ -17,6 +17,18 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _settings() -> Settings | None:
+    """The settings from the environment, or None (logged) when they are invalid."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as error:
+        for problem in error.errors():
+            log.error("cannot start: %s: %s", ".".join(str(p) for p in problem["loc"]) or "settings", problem["msg"])
+        return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -24,17 +36,19 @@ def _serve(args: argparse.Namespace) -> int:
     from service.engine.checkpoints import CheckpointError
     from service.engine.loading import load_engine
 
-    settings = Settings()
+    settings = _settings()
+    if settings is None:
+        return 2
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=overrides)
     engine = None
-    if not settings.redis_url:
-        try:  # refuse to start on unusable weights, before binding the port
+    try:
+        if not settings.redis_url:  # refuse to start on unusable weights, before binding the port
             engine = load_engine(settings)
-        except (CheckpointError, RuntimeError) as error:
-            log.error("cannot start: %s", error)
-            return 2
-    app = create_app(settings, engine)
+        app = create_app(settings, engine)
+    except (CheckpointError, RuntimeError, ValueError) as error:
+        log.error("cannot start: %s", error)
+        return 2
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower())
     return 0
 
@@ -46,7 +60,9 @@ def _worker(args: argparse.Namespace) -> int:
     from service.store.contract import StoreUnavailable
     from service.store.redis_backend import connect
 
-    settings = Settings()
+    settings = _settings()
+    if settings is None:
+        return 2
     if not settings.redis_url:
         log.error("cannot start: a worker needs REDIS_URL (the embedded 'icr serve' runs its own engine)")
         return 2
@@ -65,7 +81,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    Worker(engine, store, store, name=args.name, claim_idle_s=settings.claim_idle_s).run(stop)
+    Worker(engine, store, store, name=args.name, claim_idle_s=settings.claim_idle_s,
+           honour_clicks=settings.honour_clicks).run(stop)
     return 0
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MIN_API_KEY_CHARS = 8
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo"
 
 
@@ -38,9 +39,23 @@ class Settings(BaseSettings):
         "bfloat16 instructions, float32 elsewhere; off = exact float32. Changes results slightly "
         "(see docs/performance.md).",
     )
+    honour_clicks: bool = Field(
+        True,
+        description="The click guarantee: every click's label is set in a small ball around it before the "
+        "mask is made and the probability stored (service/engine/guarantee.py). Off only for research.",
+    )
     api_keys: SecretStr | None = Field(
         None, description="Comma-separated API keys; when set, a bearer key is required and owns its sessions."
     )
+    owner_secret: SecretStr | None = Field(
+        None,
+        description="Server secret that keys the HMAC under which sessions record their owner's API key; "
+        "required with ICR_API_KEYS in Redis mode (all replicas share it), random per process when embedded.",
+    )
+    max_sessions_per_key: int = Field(64, ge=1, description="Live sessions one API key may hold (429 beyond).")
+    max_requests_per_minute: int = Field(600, ge=1, description="Session requests one API key may make a minute.")
+    max_clicks_per_session: int = Field(200, ge=1, description="Clicks a session may hold (429 beyond).")
+    max_clicks_per_request: int = Field(32, ge=1, description="Clicks one request may add (429 beyond).")
     session_ttl_s: float = Field(3600.0, gt=0, description="Idle time after which a session expires.")
     max_upload_mb: float = Field(200.0, gt=0, description="Largest accepted file, as uploaded.")
     max_image_mb: float = Field(1024.0, gt=0, description="Largest accepted image once decompressed.")
@@ -49,7 +64,21 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_well_formed(cls, value: SecretStr | None) -> SecretStr | None:
+        """Refuse a key list that would silently turn auth off or hold unusable keys."""
+        if value is None or value.get_secret_value() == "":
+            return None  # unset (docker compose passes an empty value when the variable is unset)
+        keys = [k.strip() for k in value.get_secret_value().split(",")]
+        if any(len(k) < MIN_API_KEY_CHARS or any(c.isspace() for c in k) for k in keys):
+            raise ValueError(
+                f"ICR_API_KEYS must be comma-separated keys of at least {MIN_API_KEY_CHARS} characters without "
+                "spaces (an empty entry or a short key is refused: unset the variable to turn auth off)"
+            )
+        return value
+
     def api_key_set(self) -> frozenset[str]:
         if self.api_keys is None:
             return frozenset()
-        return frozenset(k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip())
+        return frozenset(k.strip() for k in self.api_keys.get_secret_value().split(","))

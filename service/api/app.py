@@ -8,6 +8,7 @@ one engine worker thread in this process, behind the same interfaces.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,6 +36,10 @@ MULTIPART_OVERHEAD_BYTES = 1 << 20
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """``engine`` is used in the embedded mode; loaded from settings.weights if not given."""
 
+    if settings.redis_url and settings.api_keys and settings.owner_secret is None:
+        raise ValueError("ICR_OWNER_SECRET is required with ICR_API_KEYS in Redis mode: every API replica must "
+                         "key session owners with the same secret")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()
@@ -50,13 +55,17 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         else:
             memory = MemoryStore(session_ttl_s=settings.session_ttl_s)
             store, queue = memory, memory
-            worker = Worker(engine or load_engine(settings), memory, memory, name="embedded")
+            worker = Worker(engine or load_engine(settings), memory, memory, name="embedded",
+                            honour_clicks=settings.honour_clicks)
             memory.heartbeat(worker.name, worker.info())
             worker_thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"poll_s": 0.5},
                                              name="icr-engine", daemon=True)
             worker_thread.start()
         app.state.sessions = Sessions(store, queue, settings)
         app.state.api_keys = settings.api_key_set()
+        app.state.owner_secret = (
+            settings.owner_secret.get_secret_value().encode() if settings.owner_secret else secrets.token_bytes(32)
+        )
         log.info("service ready (%s mode)", "redis" if settings.redis_url else "embedded")
         try:
             yield
@@ -76,5 +85,5 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(session_routes.router)
     max_body = int(2 * settings.max_upload_mb * 2**20) + MULTIPART_OVERHEAD_BYTES
-    app.add_middleware(BodyLimit, max_bytes=max_body)
+    app.add_middleware(BodyLimit, upload_bytes=max_body)
     return app

@@ -1,4 +1,9 @@
-"""A request-body cap enforced while the body streams in, before anything is parsed."""
+"""Request-body caps enforced while the body streams in, before anything is parsed.
+
+Uploads (``POST /v1/sessions``) get the upload cap; every other route (clicks, undo:
+kilobytes of JSON) gets a small one, so a huge JSON body is refused before the event
+loop spends time or memory parsing it.
+"""
 
 from __future__ import annotations
 
@@ -12,20 +17,30 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class BodyLimit:
-    """Answer 413 as soon as a request body passes ``max_bytes`` (declared or streamed)."""
+DEFAULT_BODY_BYTES = 64 * 1024
+UPLOAD_ROUTES = frozenset({("POST", "/v1/sessions")})
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+class BodyLimit:
+    """Answer 413 as soon as a request body passes its route's cap (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, upload_bytes: int, default_bytes: int = DEFAULT_BODY_BYTES) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.upload_bytes = upload_bytes
+        self.default_bytes = default_bytes
+
+    def cap(self, scope: Scope) -> int:
+        route = (scope.get("method", ""), scope.get("path", "").rstrip("/"))
+        return self.upload_bytes if route in UPLOAD_ROUTES else self.default_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        cap = self.cap(scope)
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, send)
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            await self._reject(scope, send, cap)
             return
         state: dict[str, Any] = {"received": 0, "exceeded": False}
 
@@ -33,7 +48,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 state["received"] += len(message.get("body", b""))
-                if state["received"] > self.max_bytes:
+                if state["received"] > cap:
                     state["exceeded"] = True
                     raise _BodyTooLarge
             return message
@@ -47,15 +62,15 @@ class BodyLimit:
         except _BodyTooLarge:
             pass
         if state["exceeded"]:
-            await self._reject(scope, send)
+            await self._reject(scope, send, cap)
 
-    async def _reject(self, scope: Scope, send: Send) -> None:
+    async def _reject(self, scope: Scope, send: Send, cap: int) -> None:
         body = json.dumps(
             {
                 "type": "urn:icr:problem:payload-too-large",
                 "title": "Content Too Large",
                 "status": 413,
-                "detail": f"request body is over the limit of {self.max_bytes} bytes",
+                "detail": f"request body is over this route's limit of {cap} bytes",
                 "instance": scope.get("path", ""),
             }
         ).encode()

@@ -31,7 +31,7 @@ class ClickIn(BaseModel):
 class ClicksIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    clicks: list[ClickIn] = Field(min_length=1, max_length=64)
+    clicks: list[ClickIn] = Field(min_length=1, max_length=1024, description="At most ICR_MAX_CLICKS_PER_REQUEST.")
 
 
 class ClickOut(BaseModel):

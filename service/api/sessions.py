@@ -1,31 +1,50 @@
 """What the API does with sessions: validate, store, hand jobs to the engine, answer.
 
 Nothing here changes a session until its input has passed validation; a click only
-becomes part of a session when the engine's result for it commits.
+becomes part of a session when the engine's commit for it lands. Errors are the
+domain errors of :mod:`service.api.errors` (and the store's and imaging's own).
+
+The click contract (see :mod:`service.store.contract`): a request submits one job and
+waits for its outcome; a request with an Idempotency-Key follows the job the key is
+bound to instead of starting another; a request that gives up waiting (the engine is
+slow, or no worker is left) cancels its job, so an error answer never lands later.
+Answers come from the committed version's record and packed mask: the probability is
+decoded only for the NIfTI downloads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 
-from service.api.problems import Problem
+from service.api import errors
 from service.api.schemas import ClickIn, ClickOut, GridOut, MaskSummary, OriginalOut
-from service.imaging.grid import WorkingGrid, overlap_centre, preprocess, to_volume_grid
+from service.imaging.grid import (
+    WorkingGrid,
+    check_centre,
+    overlap_centre,
+    preprocess,
+    to_volume_grid,
+)
 from service.imaging.nifti import read_nifti
 from service.imaging.volume import ImageError
 from service.settings import Settings
-from service.store.codec import decode_array, encode_array, encode_mask
+from service.store.codec import decode_array, decode_mask, encode_array
 from service.store.contract import (
+    Binding,
     Click,
     CommitResult,
+    IdempotencyClaim,
     Job,
     JobOutcome,
     JobQueue,
@@ -34,12 +53,14 @@ from service.store.contract import (
     SessionNotFound,
     SessionRecord,
     SessionStore,
+    StoreUnavailable,
     VersionRecord,
 )
 
 log = logging.getLogger(__name__)
 
-IDEMPOTENCY_POLL_S = 0.1
+ANONYMOUS = "anonymous"  # the owner id the limits use when auth is off
+ENGINE_CHECK_S = 2.0  # while waiting, how often the request checks that a worker is still alive
 
 
 def _iso(timestamp: float) -> str:
@@ -53,9 +74,22 @@ def parse_centre(text: str | None) -> np.ndarray | None:
         values = [float(part) for part in text.split(",")]
     except ValueError:
         values = []
-    if len(values) != 3 or not np.all(np.isfinite(values)):
-        raise Problem(422, "invalid-centre", "centre must be three finite numbers 'x,y,z' in world mm")
+    if len(values) != 3 or not np.all(np.isfinite(values)) or max(abs(v) for v in values) > 1e6:
+        raise errors.InvalidCentre("centre must be three finite numbers 'x,y,z' in world mm")
     return np.asarray(values, dtype=np.float64)
+
+
+def _outcome_unknown(phase: str) -> errors.OutcomeUnknown:
+    return errors.OutcomeUnknown(
+        f"the session store became unreachable while this request {phase}; it may still be applied: "
+        "retry with the same Idempotency-Key to get its outcome"
+    )
+
+
+def fingerprint(operation: str, body: Any) -> str:
+    """What an Idempotency-Key promises: the same operation with the same body."""
+    canonical = json.dumps({"operation": operation, "body": body}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclasses.dataclass
@@ -65,6 +99,7 @@ class SessionView:
     record: SessionRecord
     version: VersionRecord
     grid: WorkingGrid
+    mask_wire: dict[str, Any] | None = None
     probability: np.ndarray | None = None
 
     def clicks_out(self) -> list[ClickOut]:
@@ -85,31 +120,19 @@ class SessionView:
         return OriginalOut(shape=self.record.original_shape, affine=[list(r) for r in self.record.original_affine])
 
     def mask(self) -> np.ndarray:
+        if self.mask_wire is not None:
+            return decode_mask(self.mask_wire)
         assert self.probability is not None
         return self.probability > 0.5
 
-    def summary(self) -> MaskSummary:
-        mask = self.mask()
-        voxels = int(mask.sum())
-        volume_ml = voxels * self.grid.spacing_mm**3 / 1000.0
-        if voxels == 0:
-            return MaskSummary(voxels=0, volume_ml=0.0, bbox_min=None, bbox_max=None)
-        where = np.argwhere(mask)
-        low, high = where.min(axis=0), where.max(axis=0)
-        return MaskSummary(
-            voxels=voxels,
-            volume_ml=round(volume_ml, 4),
-            bbox_min=tuple(int(v) for v in low),
-            bbox_max=tuple(int(v) for v in high),
-        )
-
-    def result(self) -> dict:
+    def result(self) -> dict[str, Any]:
+        assert self.mask_wire is not None
         return {
             "id": self.record.id,
             "version": self.version.version,
             "clicks": self.clicks_out(),
-            "summary": self.summary(),
-            "mask": encode_mask(self.mask()),
+            "summary": MaskSummary(**self.version.summary),
+            "mask": self.mask_wire,
         }
 
 
@@ -121,57 +144,70 @@ class Sessions:
 
     # -- reading ------------------------------------------------------------------
     def record(self, session_id: str, owner: str | None) -> SessionRecord:
-        try:
-            record = self.store.get_session(session_id)
-        except SessionNotFound as error:
-            raise Problem(404, "session-not-found", "no such session") from error
-        except SessionGone as error:
-            raise Problem(410, "session-gone", "session was deleted or has expired") from error
+        record = self.store.get_session(session_id)
         if record.owner != owner:
-            raise Problem(404, "session-not-found", "no such session")  # never reveal another key's session
+            raise SessionNotFound(session_id)  # never reveal another key's session
         return record
 
     def ready_record(self, session_id: str, owner: str | None) -> SessionRecord:
         record = self.record(session_id, owner)
         if record.version < 0:
-            raise Problem(409, "session-not-ready", "the initial segmentation of this session is still running")
+            raise errors.SessionNotReady("the initial segmentation of this session is still running")
         return record
 
     def view(self, record: SessionRecord, version: int | None = None, *, with_probability: bool = True) -> SessionView:
+        """The session at ``version`` (default: current), with its probability decoded when asked."""
         number = record.version if version is None else version
         try:
             version_record = self.store.get_version(record.id, number)
             probability = decode_array(self.store.load_probability(record.id, number)) if with_probability else None
-        except SessionGone as error:
-            raise Problem(410, "session-gone", "session was deleted or has expired") from error
-        except SessionNotFound as error:
-            raise Problem(404, "version-not-found", f"session has no version {number}") from error
-        return SessionView(record, version_record, WorkingGrid.from_dict(record.grid), probability)
+        except SessionGone:
+            raise
+        except SessionNotFound as error:  # the session is there (it was just read): the version is not
+            raise errors.VersionNotFound(f"session has no version {number}") from error
+        return SessionView(record, version_record, WorkingGrid.from_dict(record.grid), probability=probability)
+
+    def answer(self, record: SessionRecord, version: int) -> SessionView:
+        """The result of ``version`` from its record and packed mask (no probability decoded)."""
+        stored = self.store.load_mask(record.id, version)
+        return SessionView(record, stored.record, WorkingGrid.from_dict(record.grid), mask_wire=stored.mask)
 
     # -- creating -----------------------------------------------------------------
-    def _engine_grid(self) -> tuple[tuple[int, int, int], float]:
+    def _live_workers(self) -> list[dict[str, Any]]:
         workers = self.queue.live_workers()
         if not workers:
-            raise Problem(503, "no-engine", "no engine worker is alive; start one with 'icr worker'")
-        shape = tuple(int(n) for n in workers[0]["grid_shape"])
-        return (shape[0], shape[1], shape[2]), float(workers[0].get("spacing_mm", 1.0))
+            raise errors.NoEngine("no engine worker is alive; start one with 'icr worker'")
+        return workers
 
-    def create(self, ct_bytes: bytes, pet_bytes: bytes, centre_text: str | None, owner: str | None) -> SessionView:
+    def _engine_grid(self) -> tuple[tuple[int, int, int], float]:
+        worker = self._live_workers()[0]
+        shape = tuple(int(n) for n in worker["grid_shape"])
+        return (shape[0], shape[1], shape[2]), float(worker.get("spacing_mm", 1.0))
+
+    def create(
+        self, ct_bytes: bytes, pet_bytes: bytes, centre_text: str | None, owner: str | None, request_id: str = ""
+    ) -> SessionView:
         centre = parse_centre(centre_text)
         upload_limit = int(self.settings.max_upload_mb * 2**20)
         for role, payload in (("ct", ct_bytes), ("pet", pet_bytes)):
             if len(payload) > upload_limit:
-                raise Problem(413, "upload-too-large", f"{role}: file is {len(payload)} bytes, over the upload limit of {upload_limit}")
+                raise errors.UploadTooLarge(
+                    f"{role}: file is {len(payload)} bytes, over the upload limit of {upload_limit}"
+                )
         limit = int(self.settings.max_image_mb * 2**20)
-        try:
-            ct = read_nifti(ct_bytes, role="ct", max_decompressed_bytes=limit)
-            pet = read_nifti(pet_bytes, role="pet", max_decompressed_bytes=limit)
-            overlap = overlap_centre(ct, pet)
-        except ImageError as error:
-            raise Problem(422, "invalid-image", str(error)) from error
+        ct = read_nifti(ct_bytes, role="ct", max_decompressed_bytes=limit)
+        pet = read_nifti(pet_bytes, role="pet", max_decompressed_bytes=limit)
+        overlap = overlap_centre(ct, pet)
         shape, spacing = self._engine_grid()
         grid = WorkingGrid.around(overlap if centre is None else centre, shape, spacing)
+        if centre is not None:
+            try:
+                check_centre(centre, ct, pet, grid)
+            except ImageError as error:
+                raise errors.InvalidCentre(str(error)) from error
         images = preprocess(ct, pet, grid).astype(np.float16)
+        if not np.all(np.isfinite(images)):  # values whose normalisation overflows (float16 tops at 65504)
+            raise errors.InvalidImage("ct/pet: voxel values are too extreme to normalise; check the units (HU, SUV)")
         record = SessionRecord(
             id=secrets.token_urlsafe(24),  # 192 random bits
             owner=owner,
@@ -180,127 +216,193 @@ class Sessions:
             original_affine=tuple(tuple(float(v) for v in row) for row in ct.affine),
             created_at=time.time(),
         )
-        record = self.store.create_session(record, encode_array(images))
-        outcome = self._run(Job(id=uuid.uuid4().hex, session_id=record.id, kind="initial", base_version=-1))
-        if outcome.status is not OutcomeStatus.DONE:
-            self.store.delete_session(record.id)
-            raise self._outcome_problem(outcome)
-        log.info("session %s created", record.id)
-        return self.view(self.store.get_session(record.id))
-
-    # -- changing -----------------------------------------------------------------
-    def _run(self, job: Job) -> JobOutcome:
-        if not self.queue.live_workers():
-            raise Problem(503, "no-engine", "no engine worker is alive; start one with 'icr worker'")
-        self.queue.enqueue(job)
-        outcome = self.queue.wait_outcome(job.id, self.settings.job_timeout_s)
-        if outcome is None:
-            raise Problem(
-                503,
-                "engine-timeout",
-                f"the engine did not answer within {self.settings.job_timeout_s:g} s; "
-                "the result may still land: GET the session to see its version",
+        limit = self.settings.max_sessions_per_key
+        if not self.store.admit_session(owner or ANONYMOUS, record.id, limit):
+            raise errors.QuotaExceeded(
+                f"this key holds {limit} live sessions (ICR_MAX_SESSIONS_PER_KEY); delete one or let one expire"
             )
-        return outcome
+        record = self.store.create_session(record, encode_array(images))
+        job = Job(id=uuid.uuid4().hex, session_id=record.id, kind="initial", base_version=-1, request_id=request_id)
+        try:
+            outcome = self._run(job, None)
+            if outcome.status is not OutcomeStatus.DONE or outcome.version is None:
+                raise self._outcome_error(outcome)
+        except BaseException:
+            self._forget(record.id)
+            raise
+        log.info("session %s created", record.id)
+        return self.answer(self.store.get_session(record.id), outcome.version)
+
+    def _forget(self, session_id: str) -> None:
+        try:
+            self.store.delete_session(session_id)
+        except (SessionGone, SessionNotFound, StoreUnavailable):
+            pass  # already gone, or the store is down and its TTL removes it
+
+    # -- jobs -----------------------------------------------------------------------
+    def _run(self, job: Job, claim: IdempotencyClaim | None) -> JobOutcome:
+        """Submit ``job`` (or follow the job ``claim``'s key is bound to) and wait for its outcome."""
+        self._live_workers()
+        try:
+            submission = self.queue.submit(job, claim)
+        except StoreUnavailable as error:  # the command may have reached the store before it went away
+            raise _outcome_unknown("was submitted") from error
+        if not submission.new:
+            self._check_fingerprint(submission.fingerprint, claim)
+        return self._await(job.session_id, submission.job_id)
+
+    def _await(self, session_id: str, job_id: str) -> JobOutcome:
+        """The job's outcome; a job still unfinished at the deadline, or with no live
+        worker left to run it, is cancelled, so the error answered never lands later."""
+        deadline = time.monotonic() + self.settings.job_timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                outcome = self.queue.wait_outcome(session_id, job_id, max(0.0, min(ENGINE_CHECK_S, remaining)))
+                if outcome.status.finished:
+                    return outcome
+                if remaining > ENGINE_CHECK_S and self.queue.live_workers():
+                    continue
+                final = self.queue.cancel(session_id, job_id)
+            except StoreUnavailable as error:
+                raise _outcome_unknown("waited") from error
+            if final.status is not OutcomeStatus.CANCELLED:
+                return final  # it finished just now
+            if remaining > ENGINE_CHECK_S:
+                raise errors.NoEngine("no engine worker is alive to run this request; it was not applied")
+            raise errors.EngineTimeout(
+                f"the engine did not answer within {self.settings.job_timeout_s:g} s; "
+                "the request was cancelled and not applied: retry"
+            )
 
     @staticmethod
-    def _outcome_problem(outcome: JobOutcome) -> Problem:
-        if outcome.status is OutcomeStatus.STALE:
-            return Problem(409, "version-conflict", "the session changed while this request was computed; retry")
-        if outcome.status is OutcomeStatus.GONE:
-            return Problem(410, "session-gone", "session was deleted or has expired")
-        return Problem(500, "engine-failed", outcome.message or "the engine failed")
+    def _check_fingerprint(bound: str, claim: IdempotencyClaim | None) -> None:
+        if claim is not None and bound != claim.fingerprint:
+            raise errors.IdempotencyKeyReused(
+                "this Idempotency-Key was used for a different request; use a new key for a new request"
+            )
 
+    @staticmethod
+    def _outcome_error(outcome: JobOutcome) -> Exception:
+        if outcome.status is OutcomeStatus.STALE:
+            return errors.VersionConflict("the session changed while this request was computed; retry")
+        if outcome.status is OutcomeStatus.GONE:
+            return SessionGone(outcome.job_id)
+        if outcome.status is OutcomeStatus.CANCELLED:
+            return errors.EngineTimeout("the request was cancelled before it was applied: retry")
+        return errors.EngineFailed(outcome.message or "the engine failed")
+
+    def _answer_outcome(self, record: SessionRecord, outcome: JobOutcome) -> SessionView:
+        if outcome.status is not OutcomeStatus.DONE or outcome.version is None:
+            raise self._outcome_error(outcome)
+        return self.answer(record, outcome.version)
+
+    def _replay(self, record: SessionRecord, claim: IdempotencyClaim | None) -> SessionView | None:
+        """The answer to a retried request whose job landed or may still land; None otherwise."""
+        if claim is None:
+            return None
+        bound: Binding | None = self.store.binding(record.id, claim.key)
+        if bound is None:
+            return None
+        self._check_fingerprint(bound.fingerprint, claim)
+        outcome = self.queue.job_outcome(record.id, bound.job_id)
+        if outcome is None or not outcome.status.landed:
+            return None  # it failed, went stale or was cancelled: never applied, so run it anew
+        if not outcome.status.finished:
+            outcome = self._await(record.id, bound.job_id)
+        return self._answer_outcome(record, outcome)
+
+    # -- changing -----------------------------------------------------------------
     @staticmethod
     def check_if_match(record: SessionRecord, if_match: str | None) -> None:
         if if_match is None:
             return
         tag = if_match.strip().removeprefix("W/").strip('"')
         if tag != str(record.version):
-            raise Problem(412, "version-mismatch", f"If-Match names version {tag!r}; the session is at version {record.version}")
+            raise errors.VersionMismatch(
+                f"If-Match names version {tag!r}; the session is at version {record.version}"
+            )
 
-    def _to_click(self, index: int, click: ClickIn, grid: WorkingGrid) -> Click:
+    @staticmethod
+    def _to_click(index: int, click: ClickIn, grid: WorkingGrid) -> Click:
         if click.voxel is not None:
             voxel = np.asarray(click.voxel)
         else:
             voxel = np.rint(grid.world_to_voxel(np.asarray(click.world_mm, dtype=np.float64)))
         if not grid.contains_voxel(voxel):
             where = f"voxel {list(click.voxel)}" if click.voxel is not None else f"world_mm {list(click.world_mm or ())}"
-            raise Problem(
-                422, "click-outside-volume",
-                f"clicks[{index}] at {where} lies outside the working grid of shape {list(grid.shape)}",
+            raise errors.ClickOutsideVolume(
+                f"clicks[{index}] at {where} lies outside the working grid of shape {list(grid.shape)}"
             )
         i, j, k = (int(v) for v in voxel)
         return Click(label=click.label, voxel=(i, j, k))
 
     def add_clicks(
-        self, session_id: str, owner: str | None, clicks: list[ClickIn], if_match: str | None, key: str | None
+        self,
+        session_id: str,
+        owner: str | None,
+        clicks: Sequence[ClickIn],
+        if_match: str | None,
+        key: str | None,
+        request_id: str = "",
     ) -> SessionView:
         record = self.ready_record(session_id, owner)
+        claim = None
         if key is not None:
-            earlier = self._replay(record, key)
-            if earlier is not None:
-                return earlier
-        try:
-            self.check_if_match(record, if_match)
-            grid = WorkingGrid.from_dict(record.grid)
-            new = [self._to_click(n, click, grid) for n, click in enumerate(clicks)]
-            current = self.store.get_version(record.id, record.version)
-            job = Job(
-                id=uuid.uuid4().hex, session_id=record.id, kind="refine",
-                base_version=record.version, clicks=current.clicks + tuple(new),
+            claim = IdempotencyClaim(key, fingerprint("clicks", [c.model_dump(mode="json") for c in clicks]))
+        replayed = self._replay(record, claim)
+        if replayed is not None:
+            return replayed
+        self.check_if_match(record, if_match)
+        self._check_click_limits(record, len(clicks))
+        grid = WorkingGrid.from_dict(record.grid)
+        new = tuple(self._to_click(n, click, grid) for n, click in enumerate(clicks))
+        job = Job(
+            id=uuid.uuid4().hex, session_id=record.id, kind="refine",
+            base_version=record.version, new_clicks=new, request_id=request_id,
+        )
+        return self._answer_outcome(record, self._run(job, claim))
+
+    def _check_click_limits(self, record: SessionRecord, adding: int) -> None:
+        per_request, per_session = self.settings.max_clicks_per_request, self.settings.max_clicks_per_session
+        if adding > per_request:
+            raise errors.QuotaExceeded(
+                f"{adding} clicks in one request; the limit is {per_request} (ICR_MAX_CLICKS_PER_REQUEST)"
             )
-            outcome = self._run(job)
-            if outcome.status is not OutcomeStatus.DONE or outcome.version is None:
-                raise self._outcome_problem(outcome)
-        except BaseException:
-            if key is not None:
-                self.store.release_idempotency(record.id, key)
-            raise
-        if key is not None:
-            self.store.finish_idempotency(record.id, key, json.dumps({"version": outcome.version}))
-        return self.view(self.store.get_session(record.id), outcome.version)
+        if record.click_count + adding > per_session:
+            raise errors.QuotaExceeded(
+                f"the session holds {record.click_count} clicks; {adding} more would pass the limit of "
+                f"{per_session} (ICR_MAX_CLICKS_PER_SESSION): start a new session"
+            )
 
-    def _replay(self, record: SessionRecord, key: str) -> SessionView | None:
-        """The earlier answer to a retried request, waiting while the first is in flight."""
-        deadline = time.monotonic() + self.settings.job_timeout_s
-        while True:
-            stored = self.store.claim_idempotency(record.id, key)
-            if stored is None:
-                return None  # first time: the caller processes it
-            if stored != "pending":
-                return self.view(record, int(json.loads(stored)["version"]))
-            if time.monotonic() > deadline:
-                raise Problem(409, "request-in-flight", "a request with this Idempotency-Key is still running")
-            time.sleep(IDEMPOTENCY_POLL_S)
-
-    def undo(self, session_id: str, owner: str | None, if_match: str | None) -> SessionView:
+    def undo(self, session_id: str, owner: str | None, if_match: str | None, key: str | None = None) -> SessionView:
         record = self.ready_record(session_id, owner)
+        claim = IdempotencyClaim(key, fingerprint("undo", None)) if key is not None else None
+        replayed = self._replay(record, claim)
+        if replayed is not None:
+            return replayed
         self.check_if_match(record, if_match)
         current = self.store.get_version(record.id, record.version)
         if current.parent is None:
-            raise Problem(409, "nothing-to-undo", "the session is at its initial segmentation")
+            raise errors.NothingToUndo("the session is at its initial segmentation")
         target = self.store.get_version(record.id, current.parent)
-        restored = VersionRecord(
-            version=record.version + 1,
-            parent=target.parent,
-            clicks=target.clicks,
-            job_id=f"undo-{uuid.uuid4().hex}",
-            probability_of=target.probability_of,
+        restored = dataclasses.replace(
+            target, version=record.version + 1, job_id=f"undo-{uuid.uuid4().hex}"
         )
-        result = self.store.commit_version(record.id, record.version, restored, None)
+        result = self.store.commit_version(record.id, record.version, restored, {}, idempotency=claim)
+        if result is CommitResult.BOUND:
+            replayed = self._replay(record, claim)  # a retry of this undo committed first
+            if replayed is not None:
+                return replayed
         if result is CommitResult.GONE:
-            raise Problem(410, "session-gone", "session was deleted or has expired")
+            raise SessionGone(record.id)
         if result is not CommitResult.COMMITTED:
-            raise Problem(409, "version-conflict", "the session changed during the undo; retry")
-        return self.view(self.store.get_session(record.id))
+            raise errors.VersionConflict("the session changed during the undo; retry")
+        return self.answer(record, restored.version)
 
     def delete(self, session_id: str, owner: str | None) -> None:
         self.record(session_id, owner)
-        try:
-            self.store.delete_session(session_id)
-        except SessionGone as error:
-            raise Problem(410, "session-gone", "session was deleted or has expired") from error
+        self.store.delete_session(session_id)
 
     # -- volumes --------------------------------------------------------------------
     def mask_volume(self, view: SessionView, space: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,15 @@
 """The engine worker: takes jobs from the queue, runs the ensembles, commits results.
 
 A job names the version it was computed from; the commit lands only if that is
-still the session's current version (else the outcome is ``stale``), and a job
-delivered twice (its first worker died after committing) lands once. While a job
-runs, the worker keeps its claim alive so no other worker takes it; a worker that
-dies stops doing so and its job is reclaimed by another.
+still the session's current version (else the outcome is ``stale``), a job delivered
+twice (its first worker died after committing) lands once, and a job its request
+cancelled is skipped or, if already running, never commits. While a job runs, the
+worker keeps its claim alive and heartbeats; a worker that dies stops both and its
+job is taken over by another. A store outage never kills the worker: it waits with
+backoff and carries on, re-registering its heartbeat when the store is back.
+
+The click guarantee (:mod:`service.engine.guarantee`) is applied to every pass before
+its probability is stored, unless ``honour_clicks`` is off (research and evaluation).
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ from typing import Any
 import numpy as np
 
 from service.engine.ensemble import Engine
-from service.store.codec import decode_array, encode_probability
+from service.engine.guarantee import honour_clicks, honour_radius_voxels
+from service.engine.outputs import version_blobs
+from service.store.codec import decode_array
 from service.store.contract import (
+    Click,
     CommitResult,
     Job,
     JobOutcome,
@@ -33,6 +41,7 @@ from service.store.contract import (
     SessionGone,
     SessionNotFound,
     SessionStore,
+    StoreUnavailable,
     VersionRecord,
 )
 
@@ -40,12 +49,14 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
 IMAGE_CACHE_SESSIONS = 4
+OUTAGE_BACKOFF_S = (0.2, 5.0)  # first and longest wait while the store is unreachable
 
 _OUTCOMES = {
     CommitResult.COMMITTED: OutcomeStatus.DONE,
     CommitResult.DUPLICATE: OutcomeStatus.DONE,
     CommitResult.STALE: OutcomeStatus.STALE,
     CommitResult.GONE: OutcomeStatus.GONE,
+    CommitResult.CANCELLED: OutcomeStatus.CANCELLED,
 }
 
 
@@ -58,6 +69,7 @@ class Worker:
         *,
         name: str | None = None,
         claim_idle_s: float = 30.0,
+        honour_clicks: bool = True,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -65,6 +77,7 @@ class Worker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._keep_alive_s = max(claim_idle_s / 3, 0.05)
         self._images: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.honour_clicks = honour_clicks
 
     # -- loop -------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -82,17 +95,28 @@ class Worker:
         beat = threading.Thread(target=self._heartbeat, args=(stop,), name="icr-heartbeat", daemon=True)
         beat.start()
         log.info("worker %s serving on %s", self.name, self.engine.device)
+        wait_s = OUTAGE_BACKOFF_S[0]
         while not stop.is_set():
-            job = self.queue.next_job(self.name, block_s=poll_s)
-            if job is not None:
-                self.handle(job)
+            try:
+                job = self.queue.next_job(self.name, block_s=poll_s)
+                if job is not None:
+                    self.handle(job)
+                wait_s = OUTAGE_BACKOFF_S[0]
+            except StoreUnavailable as error:
+                log.warning("store unavailable (%s); retrying in %.1f s", error, wait_s)
+                stop.wait(wait_s)
+                wait_s = min(wait_s * 2, OUTAGE_BACKOFF_S[1])
+        try:
+            self.queue.retire(self.name)
+        except StoreUnavailable:
+            log.warning("could not retire from the live set; it expires by itself")
         log.info("worker %s stopped", self.name)
 
     def _heartbeat(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 self.queue.heartbeat(self.name, self.info())
-            except Exception:  # a store outage must not kill the worker; the loop retries
+            except Exception:  # a store outage must not stop the heartbeat; it re-registers when back
                 log.warning("heartbeat failed", exc_info=True)
             stop.wait(HEARTBEAT_S)
 
@@ -116,11 +140,17 @@ class Worker:
             thread.join()
 
     def handle(self, job: Job) -> JobOutcome:
-        """Process, publish the outcome, then acknowledge (so a crash before the ack retries)."""
+        """Process and record the outcome, then acknowledge (so a crash before the ack retries)."""
         started = time.perf_counter()
+        earlier = self.queue.job_outcome(job.session_id, job.id)
+        if earlier is not None and earlier.status.finished:  # cancelled, or done before a crash
+            self.queue.ack(job)
+            log.info("job %s skipped: already %s", job.id, earlier.status.value)
+            return earlier
         with self._claim_held(job):
             outcome = self._process_safely(job)
-        self.queue.publish_outcome(outcome)
+        if outcome.status not in (OutcomeStatus.DONE, OutcomeStatus.CANCELLED):
+            self.queue.finish(job.session_id, outcome)  # a commit records done itself
         self.queue.ack(job)
         log.info(
             "job %s %s on session %s: %s in %.2f s",
@@ -131,6 +161,8 @@ class Worker:
     def _process_safely(self, job: Job) -> JobOutcome:
         try:
             return self.process(job)
+        except StoreUnavailable:
+            raise  # not the job's fault: it stays pending and is retried
         except (SessionGone, SessionNotFound):
             return JobOutcome(job.id, OutcomeStatus.GONE, message="session was deleted or expired")
         except Exception as error:
@@ -151,18 +183,23 @@ class Worker:
     def process(self, job: Job) -> JobOutcome:
         images = self._session_images(job.session_id)
         version = job.base_version + 1
+        clicks: tuple[Click, ...] = ()
         if job.kind == "initial":
             probability = self.engine.initial_probability(images)
             parent = None
         else:
             base = self.store.get_version(job.session_id, job.base_version)
             previous = decode_array(self.store.load_probability(job.session_id, job.base_version))
-            new_clicks = len(job.clicks) - len(base.clicks)  # a refinement window goes around these
-            probability = self.engine.refine(images, previous, job.clicks, new_clicks=new_clicks)
+            clicks = base.clicks + job.new_clicks
+            probability = self.engine.refine(images, previous, clicks, new_clicks=len(job.new_clicks))
             parent = job.base_version
+        spacing = self.engine.checkpoint.spacing_mm
+        if self.honour_clicks:
+            probability = honour_clicks(probability, clicks, honour_radius_voxels(spacing))
+        blobs, summary = version_blobs(probability, spacing)
         record = VersionRecord(
-            version=version, parent=parent, clicks=job.clicks, job_id=job.id, probability_of=version
+            version=version, parent=parent, clicks=clicks, job_id=job.id, probability_of=version, summary=summary
         )
-        result = self.store.commit_version(job.session_id, job.base_version, record, encode_probability(probability))
+        result = self.store.commit_version(job.session_id, job.base_version, record, blobs)
         status = _OUTCOMES[result]
         return JobOutcome(job.id, status, version=version if status is OutcomeStatus.DONE else None)

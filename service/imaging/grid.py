@@ -104,13 +104,38 @@ def overlap_centre(ct: Volume, pet: Volume) -> np.ndarray:
 
     This is where a default working grid goes, so the network sees both modalities.
     """
-    ct_low, ct_high = _world_box(ct)
-    pet_low, pet_high = _world_box(pet)
+    ct_low, ct_high = world_box(ct)
+    pet_low, pet_high = world_box(pet)
     low = np.maximum(ct_low, pet_low)
     high = np.minimum(ct_high, pet_high)
     if np.any(high <= low):
         raise ImageError("ct and pet do not overlap")
     return (low + high) / 2
+
+
+def describe_box(low: np.ndarray, high: np.ndarray) -> str:
+    return ", ".join(f"{axis} {a:.1f} to {b:.1f}" for axis, a, b in zip("xyz", low, high)) + " mm (RAS)"
+
+
+def check_centre(centre_mm: np.ndarray, ct: Volume, pet: Volume, grid: WorkingGrid) -> None:
+    """A centre must lie inside the CT, and its working grid must reach into the PET.
+
+    Raises ImageError naming the CT's extent, so a centre in the wrong frame (for
+    example DICOM's LPS taken for RAS) is refused instead of segmenting air."""
+    ct_low, ct_high = world_box(ct)
+    if np.any(centre_mm < ct_low) or np.any(centre_mm > ct_high):
+        raise ImageError(
+            f"centre {[round(float(v), 1) for v in centre_mm]} lies outside the CT, which spans "
+            f"{describe_box(ct_low, ct_high)}"
+        )
+    pet_low, pet_high = world_box(pet)
+    grid_low = np.asarray(grid.origin_mm)
+    grid_high = grid_low + grid.spacing_mm * (np.asarray(grid.shape) - 1)
+    if np.any(grid_high < pet_low) or np.any(grid_low > pet_high):
+        raise ImageError(
+            f"the working window around centre {[round(float(v), 1) for v in centre_mm]} holds no PET data; "
+            f"the PET spans {describe_box(pet_low, pet_high)}"
+        )
 
 
 def resample(volume: Volume, grid: WorkingGrid, *, order: int = 1, fill: float = 0.0) -> np.ndarray:
@@ -210,7 +235,7 @@ def _pull(
     )
 
 
-def _world_box(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+def world_box(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned world box (low, high) around all voxels of a volume."""
     corners = volume.world_corners()
     half_voxel = volume.half_voxel_extent()

@@ -30,6 +30,8 @@ _NIFTI1_MAGIC_OFFSET = 344
 _NIFTI1_SINGLE_FILE_MAGIC = b"n+1\x00"
 _NIFTI2_SINGLE_FILE_MAGIC = b"n+2\x00"
 _MIN_AFFINE_DETERMINANT = 1e-6
+SPACING_RANGE_MM = (0.01, 100.0)  # a voxel edge outside this is no medical image
+MAX_WORLD_MM = 1e5  # 100 m: an image placed farther from the origin is a broken header
 _REAL_DTYPE_KINDS = frozenset("iuf")
 
 
@@ -121,7 +123,7 @@ def _gunzip(data: bytes, *, role: str, limit: int) -> bytes:
             raise ImageError(f"{role}: gzip stream is truncated or corrupt")
         if remaining[:2] != GZIP_MAGIC:
             break  # zero padding after the last member, as some tools write
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # no second copy of a one-member stream
 
 
 def _parse_single_file_nifti(raw: bytes, *, role: str) -> nib.Nifti1Image:
@@ -204,12 +206,22 @@ def _voxels(image: nib.Nifti1Image, shape: tuple[int, int, int], *, role: str) -
 
 
 def _affine(image: nib.Nifti1Image, *, role: str) -> np.ndarray:
-    """nibabel's best affine (sform, else qform, else pixdim), checked to be invertible."""
+    """nibabel's best affine (sform, else qform, else pixdim), checked to be a sane geometry:
+    finite, invertible, voxel edges within ``SPACING_RANGE_MM``, placed within ``MAX_WORLD_MM``."""
+    if image.header.get_sform(coded=True)[1] == 0 and np.any(np.asarray(image.header["pixdim"][1:4]) == 0):
+        raise ImageError(f"{role}: voxel size (pixdim) is zero and no sform gives the geometry")
     affine = np.asarray(image.affine, dtype=np.float64)
-    if (
-        affine.shape != (4, 4)
-        or not np.all(np.isfinite(affine))
-        or not abs(np.linalg.det(affine[:3, :3])) > _MIN_AFFINE_DETERMINANT
-    ):
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise ImageError(f"{role}: affine is singular or not finite")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    low, high = SPACING_RANGE_MM
+    if not np.all((spacing >= low) & (spacing <= high)):
+        raise ImageError(
+            f"{role}: voxel spacing {[round(float(v), 6) for v in spacing]} mm is outside {low}-{high} mm"
+        )
+    if not abs(np.linalg.det(affine[:3, :3] / spacing)) > _MIN_AFFINE_DETERMINANT:
+        raise ImageError(f"{role}: affine is singular or not finite")
+    corners = np.array([[0, 0, 0], np.asarray(image.shape[:3]) - 1], dtype=np.float64)
+    if np.abs(corners @ affine[:3, :3].T + affine[:3, 3]).max() > MAX_WORLD_MM:
+        raise ImageError(f"{role}: image lies more than {MAX_WORLD_MM:g} mm from the world origin")
     return affine

@@ -3,10 +3,18 @@ that both backends (Redis, in-process) implement. The API and the engine meet on
 here; everything crosses as JSON or the array blobs of :mod:`service.store.codec`.
 
 Session state is versioned. Version ``k`` has a :class:`VersionRecord` (its clicks,
-the version it came from, the job that made it) and a probability blob. A commit
-names the version it was computed from and lands only while that is still the
+the version it came from, the job that made it, its mask summary) and its blobs: the
+probability (the next pass's memory) and the packed mask the API answers with. A
+commit names the version it was computed from and lands only while that is still the
 current one, so a late result never overwrites a newer version. Undo commits a new
-version that points at an older probability blob, so history is kept without copies.
+version that points at an older version's blobs, so history is kept without copies.
+
+The click contract is exact. Every job has a state in its session (queued, then one
+terminal state); the worker's commit writes the version, its blobs and the job's
+``done`` state in one atomic step. An Idempotency-Key is bound to the job it started
+(with a fingerprint of the request body): a retry follows that job, it never starts
+another while the job is queued, running or done. A request that gives up waiting
+cancels its job; a cancelled job never commits, so an error answer never lands later.
 """
 
 from __future__ import annotations
@@ -18,10 +26,13 @@ from enum import Enum
 from typing import Any, Literal
 
 ClickLabel = Literal["foreground", "background"]
+CLICK_LABELS: tuple[ClickLabel, ...] = ("foreground", "background")  # also the click-map channel order
 JobKind = Literal["initial", "refine"]
 
-WORKER_TTL_S = 15.0  # a worker unseen for this long counts as dead
-OUTCOME_TTL_S = 600.0  # how long an outcome waits for the request that asked for it
+WORKER_TTL_S = 6.0  # a worker unseen for this long (three missed heartbeats) counts as dead
+OUTCOME_TTL_S = 600.0  # how long a finished job's wake-up waits for the request that asked for it
+BLOB_PROBABILITY = "probability"
+BLOB_MASK = "mask"
 
 
 class StoreError(Exception):
@@ -37,11 +48,13 @@ class SessionGone(StoreError):
 
 
 class StoreUnavailable(StoreError):
-    """The backing store cannot be reached."""
+    """The backing store cannot be reached (or did not answer in time)."""
 
 
 @dataclass(frozen=True)
 class Click:
+    """One click: its label and its working-grid voxel. The one click type of the project."""
+
     label: ClickLabel
     voxel: tuple[int, int, int]
 
@@ -51,6 +64,8 @@ class Click:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Click:
         i, j, k = (int(v) for v in data["voxel"])
+        if data["label"] not in CLICK_LABELS:
+            raise ValueError(f"unknown click label {data['label']!r}")
         return cls(label=data["label"], voxel=(i, j, k))
 
 
@@ -66,6 +81,7 @@ class SessionRecord:
     created_at: float
     version: int = -1  # -1 until the initial pass has landed
     expires_at: float = 0.0
+    click_count: int = 0  # clicks of the current version
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -84,7 +100,8 @@ class VersionRecord:
     parent: int | None
     clicks: tuple[Click, ...]
     job_id: str
-    probability_of: int  # the version whose blob holds this version's probability
+    probability_of: int  # the version whose blobs (probability, mask) this version shows
+    summary: dict[str, Any] = field(default_factory=dict)  # the mask's voxels, volume, bounding box
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -100,31 +117,44 @@ class VersionRecord:
 
 @dataclass(frozen=True)
 class Job:
-    """One engine pass: the initial ensemble, or a refinement with all clicks so far."""
+    """One engine pass: the initial ensemble, or a refinement adding ``new_clicks`` to
+    the clicks of ``base_version``."""
 
     id: str
     session_id: str
     kind: JobKind
     base_version: int
-    clicks: tuple[Click, ...] = field(default=())
+    new_clicks: tuple[Click, ...] = field(default=())
+    request_id: str = ""
 
     def to_json(self) -> str:
         data = asdict(self)
-        data["clicks"] = [c.to_dict() for c in self.clicks]
+        data["new_clicks"] = [c.to_dict() for c in self.new_clicks]
         return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Job:
         data = json.loads(text)
-        data["clicks"] = tuple(Click.from_dict(c) for c in data["clicks"])
+        data["new_clicks"] = tuple(Click.from_dict(c) for c in data["new_clicks"])
         return cls(**data)
 
 
 class OutcomeStatus(str, Enum):
+    QUEUED = "queued"  # not finished: waiting for or on a worker
     DONE = "done"
     STALE = "stale"  # the session moved on before the result landed
     GONE = "gone"  # the session was deleted or expired meanwhile
     FAILED = "failed"
+    CANCELLED = "cancelled"  # the request gave up waiting; the job never lands
+
+    @property
+    def finished(self) -> bool:
+        return self is not OutcomeStatus.QUEUED
+
+    @property
+    def landed(self) -> bool:
+        """Whether the job's work is (or may still become) part of the session."""
+        return self in (OutcomeStatus.QUEUED, OutcomeStatus.DONE)
 
 
 @dataclass(frozen=True)
@@ -144,11 +174,46 @@ class JobOutcome:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """A request's Idempotency-Key and the fingerprint of what it asked for."""
+
+    key: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Binding:
+    """The job an Idempotency-Key is bound to."""
+
+    job_id: str
+    fingerprint: str
+
+    def to_json(self) -> str:
+        return json.dumps({"job": self.job_id, "fingerprint": self.fingerprint})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Binding:
+        data = json.loads(text)
+        return cls(job_id=str(data["job"]), fingerprint=str(data["fingerprint"]))
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What :meth:`JobQueue.submit` did: queued ``job_id`` (``new``) or found the key bound to it."""
+
+    job_id: str
+    fingerprint: str
+    new: bool
+
+
 class CommitResult(str, Enum):
     COMMITTED = "committed"
     DUPLICATE = "duplicate"  # the same job already committed this version
     STALE = "stale"
     GONE = "gone"
+    CANCELLED = "cancelled"  # the job was cancelled: nothing written
+    BOUND = "bound"  # the Idempotency-Key is already bound to another job: nothing written
 
 
 class SessionStore(abc.ABC):
@@ -180,35 +245,77 @@ class SessionStore(abc.ABC):
         """The probability blob of ``version`` (following ``probability_of``)."""
 
     @abc.abstractmethod
+    def load_mask(self, session_id: str, version: int) -> VersionMask:
+        """The version's record and its packed mask (the wire form, JSON), in one read."""
+
+    @abc.abstractmethod
     def commit_version(
-        self, session_id: str, base_version: int, record: VersionRecord, probability: bytes | None
+        self,
+        session_id: str,
+        base_version: int,
+        record: VersionRecord,
+        blobs: dict[str, bytes],
+        *,
+        idempotency: IdempotencyClaim | None = None,
     ) -> CommitResult:
-        """Atomically make ``record`` current if ``base_version`` is still current.
-
-        ``probability`` is None when the record reuses an older blob (undo)."""
-
-    @abc.abstractmethod
-    def claim_idempotency(self, session_id: str, key: str) -> str | None:
-        """None if ``key`` was free and is now claimed; else its stored value
-        ("pending" while the first request is in flight, else its outcome)."""
+        """Atomically make ``record`` current if ``base_version`` is still current, store
+        its ``blobs`` (``BLOB_PROBABILITY``, ``BLOB_MASK``; none when it reuses an older
+        version's, as undo does) and mark its job done, all in one step; ``idempotency``'s
+        key is bound to ``record.job_id`` in that step too. Nothing is written when the job
+        was cancelled or when the key is already bound (``BOUND``)."""
 
     @abc.abstractmethod
-    def finish_idempotency(self, session_id: str, key: str, value: str) -> None: ...
+    def binding(self, session_id: str, key: str) -> Binding | None:
+        """The job an Idempotency-Key of this session is bound to, if any."""
+
+    # -- per-key limits -----------------------------------------------------------
+    @abc.abstractmethod
+    def count_request(self, owner: str, window_s: int) -> int:
+        """Count one request of ``owner`` in the current fixed window; the count so far."""
 
     @abc.abstractmethod
-    def release_idempotency(self, session_id: str, key: str) -> None:
-        """Forget a claim whose request failed, so a retry can run."""
+    def admit_session(self, owner: str, session_id: str, limit: int) -> bool:
+        """Record ``session_id`` as one of ``owner``'s live sessions unless it already has
+        ``limit`` of them (expired and deleted sessions no longer count)."""
+
+
+@dataclass(frozen=True)
+class VersionMask:
+    record: VersionRecord
+    mask: dict[str, Any]
 
 
 class JobQueue(abc.ABC):
-    """Jobs for engine workers and their outcomes for the API."""
+    """Jobs for engine workers, their states and outcomes for the API."""
 
     @abc.abstractmethod
-    def enqueue(self, job: Job) -> None: ...
+    def submit(self, job: Job, idempotency: IdempotencyClaim | None = None) -> Submission:
+        """Queue ``job`` (state ``queued``), binding ``idempotency``'s key to it, in one step.
+
+        When the key is bound to a job that is queued or done, nothing is queued and the
+        answer names that job; a key bound to a job that failed, went stale or was
+        cancelled is bound anew, since that job never landed."""
+
+    @abc.abstractmethod
+    def job_outcome(self, session_id: str, job_id: str) -> JobOutcome | None:
+        """The job's state now (``queued`` or terminal); None for an unknown job."""
+
+    @abc.abstractmethod
+    def wait_outcome(self, session_id: str, job_id: str, timeout_s: float) -> JobOutcome:
+        """The job's state once it is terminal, or ``queued`` after ``timeout_s``."""
+
+    @abc.abstractmethod
+    def cancel(self, session_id: str, job_id: str) -> JobOutcome:
+        """Cancel a job that has not finished; the job's state afterwards (``cancelled``,
+        or the terminal state it had already reached)."""
+
+    @abc.abstractmethod
+    def finish(self, session_id: str, outcome: JobOutcome) -> None:
+        """Record a terminal state that is not a commit (stale, gone, failed) and wake waiters."""
 
     @abc.abstractmethod
     def next_job(self, consumer: str, block_s: float) -> Job | None:
-        """A new job, or one whose worker stopped acknowledging; None after ``block_s``."""
+        """A new job, or one whose worker died; None after ``block_s``."""
 
     @abc.abstractmethod
     def keep_alive(self, job: Job, consumer: str) -> None:
@@ -218,13 +325,11 @@ class JobQueue(abc.ABC):
     def ack(self, job: Job) -> None: ...
 
     @abc.abstractmethod
-    def publish_outcome(self, outcome: JobOutcome) -> None: ...
-
-    @abc.abstractmethod
-    def wait_outcome(self, job_id: str, timeout_s: float) -> JobOutcome | None: ...
-
-    @abc.abstractmethod
     def heartbeat(self, worker: str, info: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    def retire(self, worker: str) -> None:
+        """A worker that stops cleanly leaves the live set at once."""
 
     @abc.abstractmethod
     def live_workers(self) -> list[dict[str, Any]]: ...

@@ -1,12 +1,14 @@
 """In-process backend: the embedded default, one process, no Redis.
 
-Same contract and semantics as the Redis backend (expiry, atomic commits,
-idempotency, tombstones); one lock guards all state.
+Same contract and semantics as the Redis backend (expiry, atomic commits, job states,
+idempotency bindings, tombstones); one lock guards all state, and one condition wakes
+requests waiting for a job.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import queue
 import threading
 import time
@@ -14,16 +16,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.store.contract import (
-    OUTCOME_TTL_S,
+    BLOB_MASK,
+    BLOB_PROBABILITY,
     WORKER_TTL_S,
+    Binding,
     CommitResult,
+    IdempotencyClaim,
     Job,
     JobOutcome,
     JobQueue,
+    OutcomeStatus,
     SessionGone,
     SessionNotFound,
     SessionRecord,
     SessionStore,
+    Submission,
+    VersionMask,
     VersionRecord,
 )
 
@@ -33,8 +41,9 @@ class _Session:
     record: SessionRecord
     images: bytes
     versions: dict[int, VersionRecord] = field(default_factory=dict)
-    blobs: dict[int, bytes] = field(default_factory=dict)
-    idempotency: dict[str, str] = field(default_factory=dict)
+    blobs: dict[tuple[str, int], bytes] = field(default_factory=dict)
+    jobs: dict[str, JobOutcome] = field(default_factory=dict)
+    bindings: dict[str, Binding] = field(default_factory=dict)
 
 
 class MemoryStore(SessionStore, JobQueue):
@@ -42,12 +51,13 @@ class MemoryStore(SessionStore, JobQueue):
         self._ttl = session_ttl_s
         self._tombstone_ttl = tombstone_ttl_s
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._sessions: dict[str, _Session] = {}
         self._tombstones: dict[str, float] = {}
         self._jobs: queue.Queue[Job] = queue.Queue()
-        self._outcomes: dict[str, tuple[float, JobOutcome]] = {}
-        self._outcome_ready = threading.Condition(self._lock)
         self._workers: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._owned: dict[str, set[str]] = {}
+        self._requests: dict[tuple[str, int], int] = {}
 
     # -- sessions ---------------------------------------------------------------
     def ping(self) -> bool:
@@ -89,71 +99,147 @@ class MemoryStore(SessionStore, JobQueue):
             return self._live(session_id, touch).record
 
     def delete_session(self, session_id: str) -> None:
-        with self._lock:
+        with self._changed:
             self._live(session_id, touch=False)
             del self._sessions[session_id]
             self._tombstones[session_id] = time.time() + self._tombstone_ttl
+            self._changed.notify_all()
 
     def load_images(self, session_id: str) -> bytes:
         with self._lock:
             return self._live(session_id, touch=False).images
 
+    def _version(self, session: _Session, version: int) -> VersionRecord:
+        if version not in session.versions:
+            raise SessionNotFound(f"{session.record.id} has no version {version}")
+        return session.versions[version]
+
     def get_version(self, session_id: str, version: int) -> VersionRecord:
         with self._lock:
-            session = self._live(session_id, touch=False)
-            if version not in session.versions:
-                raise SessionNotFound(f"{session_id} has no version {version}")
-            return session.versions[version]
+            return self._version(self._live(session_id, touch=False), version)
 
     def load_probability(self, session_id: str, version: int) -> bytes:
         with self._lock:
             session = self._live(session_id, touch=False)
-            if version not in session.versions:
-                raise SessionNotFound(f"{session_id} has no version {version}")
-            return session.blobs[session.versions[version].probability_of]
+            return session.blobs[(BLOB_PROBABILITY, self._version(session, version).probability_of)]
+
+    def load_mask(self, session_id: str, version: int) -> VersionMask:
+        with self._lock:
+            session = self._live(session_id, touch=False)
+            record = self._version(session, version)
+            return VersionMask(record, json.loads(session.blobs[(BLOB_MASK, record.probability_of)]))
 
     def commit_version(
-        self, session_id: str, base_version: int, record: VersionRecord, probability: bytes | None
+        self,
+        session_id: str,
+        base_version: int,
+        record: VersionRecord,
+        blobs: dict[str, bytes],
+        *,
+        idempotency: IdempotencyClaim | None = None,
     ) -> CommitResult:
-        with self._lock:
+        with self._changed:
             try:
                 session = self._live(session_id, touch=False)
             except (SessionGone, SessionNotFound):
                 return CommitResult.GONE
+            state = session.jobs.get(record.job_id)
+            if state is not None and state.status is OutcomeStatus.CANCELLED:
+                return CommitResult.CANCELLED
             landed = session.versions.get(record.version)
             if landed is not None and landed.job_id == record.job_id:
                 return CommitResult.DUPLICATE
+            if idempotency is not None and idempotency.key in session.bindings:
+                return CommitResult.BOUND
             if session.record.version != base_version:
                 return CommitResult.STALE
-            if probability is not None:
-                session.blobs[record.version] = probability
+            for name, blob in blobs.items():
+                session.blobs[(name, record.version)] = blob
             session.versions[record.version] = record
-            session.record = dataclasses.replace(session.record, version=record.version)
+            session.record = dataclasses.replace(
+                session.record, version=record.version, click_count=len(record.clicks)
+            )
+            session.jobs[record.job_id] = JobOutcome(record.job_id, OutcomeStatus.DONE, version=record.version)
+            if idempotency is not None:
+                session.bindings[idempotency.key] = Binding(record.job_id, idempotency.fingerprint)
+            self._changed.notify_all()
             return CommitResult.COMMITTED
 
-    def claim_idempotency(self, session_id: str, key: str) -> str | None:
+    def binding(self, session_id: str, key: str) -> Binding | None:
         with self._lock:
-            session = self._live(session_id, touch=False)
-            if key in session.idempotency:
-                return session.idempotency[key]
-            session.idempotency[key] = "pending"
-            return None
+            return self._live(session_id, touch=False).bindings.get(key)
 
-    def finish_idempotency(self, session_id: str, key: str, value: str) -> None:
+    # -- per-key limits -----------------------------------------------------------
+    def count_request(self, owner: str, window_s: int) -> int:
+        window = int(time.time() // window_s)
         with self._lock:
-            session = self._sessions.get(session_id)
-            if session is not None:
-                session.idempotency[key] = value
+            for stale in [k for k in self._requests if k[1] < window]:
+                del self._requests[stale]
+            self._requests[(owner, window)] = self._requests.get((owner, window), 0) + 1
+            return self._requests[(owner, window)]
 
-    def release_idempotency(self, session_id: str, key: str) -> None:
+    def admit_session(self, owner: str, session_id: str, limit: int) -> bool:
+        now = time.time()
         with self._lock:
-            session = self._sessions.get(session_id)
-            if session is not None:
-                session.idempotency.pop(key, None)
+            self._sweep(now)
+            owned = {s for s in self._owned.get(owner, set()) if s in self._sessions}
+            if len(owned) >= limit:
+                self._owned[owner] = owned
+                return False
+            self._owned[owner] = owned | {session_id}
+            return True
 
     # -- jobs -------------------------------------------------------------------
-    def enqueue(self, job: Job) -> None:
-        self._jobs.put(job)
+    def submit(self, job: Job, idempotency: IdempotencyClaim | None = None) -> Submission:
+        with self._lock:
+            session = self._live(job.session_id, touch=False)
+            fingerprint = idempotency.fingerprint if idempotency else ""
+            if idempotency is not None:
+                bound = session.bindings.get(idempotency.key)
+                state = session.jobs.get(bound.job_id) if bound else None
+                if bound is not None and state is not None and state.status.landed:
+                    return Submission(bound.job_id, bound.fingerprint, new=False)
+                session.bindings[idempotency.key] = Binding(job.id, fingerprint)
+            session.jobs[job.id] = JobOutcome(job.id, OutcomeStatus.QUEUED)
+            self._jobs.put(job)
+            return Submission(job.id, fingerprint, new=True)
+
+    def _state(self, session_id: str, job_id: str) -> JobOutcome | None:
+        session = self._sessions.get(session_id)
+        return None if session is None else session.jobs.get(job_id)
+
+    def job_outcome(self, session_id: str, job_id: str) -> JobOutcome | None:
+        with self._lock:
+            return self._state(session_id, job_id)
+
+    def wait_outcome(self, session_id: str, job_id: str, timeout_s: float) -> JobOutcome:
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                state = self._state(session_id, job_id)
+                if state is None:
+                    return JobOutcome(job_id, OutcomeStatus.GONE, message="session was deleted or has expired")
+                remaining = deadline - time.monotonic()
+                if state.status.finished or remaining <= 0:
+                    return state
+                self._changed.wait(remaining)
+
+    def _finish_queued(self, session_id: str, outcome: JobOutcome) -> JobOutcome:
+        with self._changed:
+            session = self._sessions.get(session_id)
+            state = None if session is None else session.jobs.get(outcome.job_id)
+            if state is not None and state.status.finished:
+                return state
+            if session is not None:
+                session.jobs[outcome.job_id] = outcome
+            self._changed.notify_all()
+            return outcome
+
+    def cancel(self, session_id: str, job_id: str) -> JobOutcome:
+        return self._finish_queued(session_id, JobOutcome(job_id, OutcomeStatus.CANCELLED))
+
+    def finish(self, session_id: str, outcome: JobOutcome) -> None:
+        self._finish_queued(session_id, outcome)
 
     def next_job(self, consumer: str, block_s: float) -> Job | None:
         try:
@@ -167,27 +253,13 @@ class MemoryStore(SessionStore, JobQueue):
     def ack(self, job: Job) -> None:
         self._jobs.task_done()
 
-    def publish_outcome(self, outcome: JobOutcome) -> None:
-        with self._outcome_ready:
-            now = time.monotonic()
-            for job_id in [j for j, (at, _) in self._outcomes.items() if at < now - OUTCOME_TTL_S]:
-                del self._outcomes[job_id]  # nobody waited for these
-            self._outcomes[outcome.job_id] = (now, outcome)
-            self._outcome_ready.notify_all()
-
-    def wait_outcome(self, job_id: str, timeout_s: float) -> JobOutcome | None:
-        deadline = time.monotonic() + timeout_s
-        with self._outcome_ready:
-            while job_id not in self._outcomes:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self._outcome_ready.wait(remaining)
-            return self._outcomes.pop(job_id)[1]
-
     def heartbeat(self, worker: str, info: dict[str, Any]) -> None:
         with self._lock:
             self._workers[worker] = (time.time(), info)
+
+    def retire(self, worker: str) -> None:
+        with self._lock:
+            self._workers.pop(worker, None)
 
     def live_workers(self) -> list[dict[str, Any]]:
         cutoff = time.time() - WORKER_TTL_S

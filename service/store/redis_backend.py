@@ -4,57 +4,148 @@ Keys (``{p}`` is the configured prefix, ``{id}`` a session id):
 
 - ``{p}:s:{id}:meta``      hash: ``record`` (SessionRecord JSON), ``version`` (int)
 - ``{p}:s:{id}:images``    preprocessed images blob
-- ``{p}:s:{id}:versions``  hash: ``{k}`` VersionRecord JSON, ``blob:{k}`` probability blob
-- ``{p}:s:{id}:idem``      hash: Idempotency-Key -> "pending" or the stored outcome
+- ``{p}:s:{id}:versions``  hash: ``{k}`` VersionRecord JSON, ``probability:{k}`` and
+                           ``mask:{k}`` the version's blobs
+- ``{p}:s:{id}:jobs``      hash: job id -> JobOutcome JSON (its state: queued or terminal)
+- ``{p}:s:{id}:idem``      hash: Idempotency-Key -> Binding JSON (the job it started)
 - ``{p}:s:{id}:known``     "live" or "deleted"; outlives the session to tell 410 from 404
 - ``{p}:jobs``             stream of jobs, consumer group ``engines``
-- ``{p}:outcome:{job}``    list holding one JobOutcome for the waiting request
+- ``{p}:wake:{job}``       list: the finished job's outcome, to wake the waiting request
+- ``{p}:owner:{owner}``    set of an API key's (keyed-hash) session ids, for the live-session limit
+- ``{p}:rate:{owner}:{n}`` the key's request count in fixed window ``n``
 - ``{p}:workers``          sorted set of worker names by last heartbeat; ``{p}:worker:{name}`` its info
 
-All keys of a session share its TTL, refreshed on every use. A job stays pending in
-the consumer group until acknowledged; a worker that stops refreshing its claim
-(it died) loses the job to another worker after ``claim_idle_s``.
+All keys of a session share its TTL, refreshed on every use. Submitting a job (its
+state, the key binding, the stream entry) is one script, and so is a commit (version,
+blobs, the job's ``done`` state, the binding of an undo's key, the wake-up). A job stays
+pending in the consumer group until acknowledged; a job whose worker stopped
+heartbeating is taken over at once, and any job unrefreshed for ``claim_idle_s``.
+
+Every Redis error of connection or time becomes :class:`StoreUnavailable`; the client
+answers or gives up within ``socket_timeout_s`` (one retry on a fresh connection), so
+a frozen or unreachable Redis costs a request seconds, never a hang. Every script is
+safe to run twice (a retried or late-delivered command): a resent submit finds its job,
+a resent commit is a duplicate, a terminal job state stays as it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from service.store.contract import (
+    BLOB_MASK,
+    BLOB_PROBABILITY,
     OUTCOME_TTL_S,
     WORKER_TTL_S,
+    Binding,
     CommitResult,
+    IdempotencyClaim,
     Job,
     JobOutcome,
     JobQueue,
+    OutcomeStatus,
     SessionGone,
     SessionNotFound,
     SessionRecord,
     SessionStore,
     StoreUnavailable,
+    Submission,
+    VersionMask,
     VersionRecord,
 )
 
 GROUP = "engines"
+WAKE_SLICE_S = 0.5  # a waiting request re-reads the job's state at least this often
+DEAD_WORKER_SCAN_S = 1.0  # how often a worker looks for jobs held by dead workers
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {'queued'} end  -- a resent submit
+if ARGV[4] ~= '' then
+  local bound = redis.call('HGET', KEYS[3], ARGV[4])
+  if bound then
+    local state = redis.call('HGET', KEYS[2], cjson.decode(bound)['job'])
+    if state then
+      local status = cjson.decode(state)['status']
+      if status == 'queued' or status == 'done' then return {'bound', bound} end
+    end
+  end
+  redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl); redis.call('PEXPIRE', KEYS[3], ttl) end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100000', '*', 'job', ARGV[3])
+return {'queued'}
+"""
 
 _COMMIT = """
 local current = redis.call('HGET', KEYS[1], 'version')
 if not current then return 'gone' end
+local state = redis.call('HGET', KEYS[3], ARGV[4])
+if state and cjson.decode(state)['status'] == 'cancelled' then return 'cancelled' end
 local landed = redis.call('HGET', KEYS[2], ARGV[2])
 if landed and cjson.decode(landed)['job_id'] == ARGV[4] then return 'duplicate' end
+if ARGV[6] ~= '' and redis.call('HEXISTS', KEYS[4], ARGV[6]) == 1 then return 'bound' end
 if tonumber(current) ~= tonumber(ARGV[1]) then return 'stale' end
-if ARGV[5] == '1' then redis.call('HSET', KEYS[2], 'blob:' .. ARGV[2], ARGV[6]) end
+for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i] .. ':' .. ARGV[2], ARGV[i + 1]) end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[1], 'version', ARGV[2])
+redis.call('HSET', KEYS[1], 'version', ARGV[2], 'clicks', ARGV[9])
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[4], ARGV[6], ARGV[7]) end
 local ttl = redis.call('PTTL', KEYS[1])
-if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+if ttl > 0 then
+  for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+redis.call('RPUSH', KEYS[5], ARGV[5])
+redis.call('EXPIRE', KEYS[5], ARGV[8])
 return 'committed'
 """
+
+_ADMIT = """
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. member .. ':meta') == 0 then redis.call('SREM', KEYS[1], member) end
+end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# A queued job becomes terminal (stale, gone, failed, cancelled); one already terminal stays so.
+_FINISH = """
+local state = redis.call('HGET', KEYS[1], ARGV[1])
+if state and cjson.decode(state)['status'] ~= 'queued' then return state end
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return ARGV[2]
+"""
+
+
+def _reachable(method: Callable[P, R]) -> Callable[P, R]:
+    """Connection and time-out errors surface as StoreUnavailable."""
+
+    @functools.wraps(method)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise StoreUnavailable(f"Redis did not answer: {type(error).__name__}") from error
+
+    return guarded
 
 
 class RedisStore(SessionStore, JobQueue):
@@ -66,22 +157,36 @@ class RedisStore(SessionStore, JobQueue):
         tombstone_ttl_s: float = 86400.0,
         claim_idle_s: float = 30.0,
         prefix: str = "icr",
+        socket_timeout_s: float = 1.5,
     ) -> None:
-        self._redis = redis.Redis.from_url(url, socket_timeout=None, health_check_interval=30)
+        self._redis = redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=30,
+        )
         self._ttl_ms = int(session_ttl_s * 1000)
         self._known_ttl_ms = self._ttl_ms + int(tombstone_ttl_s * 1000)
         self._claim_idle_ms = int(claim_idle_s * 1000)
         self._p = prefix
+        self._submit = self._redis.register_script(_SUBMIT)
         self._commit = self._redis.register_script(_COMMIT)
+        self._finish = self._redis.register_script(_FINISH)
+        self._admit = self._redis.register_script(_ADMIT)
         self._entries: dict[str, bytes] = {}  # job id -> stream entry id, for this process's claims
         self._group_ready = False
+        self._next_dead_scan = 0.0
 
     # -- keys -------------------------------------------------------------------
     def _key(self, session_id: str, part: str) -> str:
         return f"{self._p}:s:{session_id}:{part}"
 
     def _session_keys(self, session_id: str) -> list[str]:
-        return [self._key(session_id, part) for part in ("meta", "images", "versions", "idem")]
+        return [self._key(session_id, part) for part in ("meta", "images", "versions", "jobs", "idem")]
+
+    def _wake(self, job_id: str) -> str:
+        return f"{self._p}:wake:{job_id}"
 
     @property
     def _stream(self) -> str:
@@ -94,8 +199,9 @@ class RedisStore(SessionStore, JobQueue):
         except redis.RedisError:
             return False
 
+    @_reachable
     def create_session(self, record: SessionRecord, images: bytes) -> SessionRecord:
-        meta, images_key, _, _ = self._session_keys(record.id)
+        meta, images_key, *_ = self._session_keys(record.id)
         with self._redis.pipeline() as pipe:
             pipe.hset(meta, mapping={"record": record.to_json(), "version": -1})
             pipe.pexpire(meta, self._ttl_ms)
@@ -115,21 +221,23 @@ class RedisStore(SessionStore, JobQueue):
         state = self._redis.get(self._key(session_id, "known"))
         return SessionGone(session_id) if state is not None else SessionNotFound(session_id)
 
+    @_reachable
     def get_session(self, session_id: str, *, touch: bool = True) -> SessionRecord:
         meta = self._key(session_id, "meta")
         with self._redis.pipeline() as pipe:
-            pipe.hmget(meta, "record", "version")
+            pipe.hmget(meta, "record", "version", "clicks")
             if touch:
                 for key in self._session_keys(session_id):
                     pipe.pexpire(key, self._ttl_ms)
                 pipe.pexpire(self._key(session_id, "known"), self._known_ttl_ms)
             pipe.pttl(meta)
             results = pipe.execute()
-        record_json, version = results[0]
+        record_json, version, clicks = results[0]
         if record_json is None:
             raise self._missing(session_id)
-        return self._record(record_json, int(version), results[-1])
+        return dataclasses.replace(self._record(record_json, int(version), results[-1]), click_count=int(clicks or 0))
 
+    @_reachable
     def delete_session(self, session_id: str) -> None:
         if not self._redis.exists(self._key(session_id, "meta")):
             raise self._missing(session_id)
@@ -138,12 +246,14 @@ class RedisStore(SessionStore, JobQueue):
             pipe.set(self._key(session_id, "known"), "deleted", px=self._known_ttl_ms)
             pipe.execute()
 
+    @_reachable
     def load_images(self, session_id: str) -> bytes:
         images = self._redis.get(self._key(session_id, "images"))
         if images is None:
             raise self._missing(session_id)
         return bytes(images)
 
+    @_reachable
     def get_version(self, session_id: str, version: int) -> VersionRecord:
         text = self._redis.hget(self._key(session_id, "versions"), str(version))
         if text is None:
@@ -152,45 +262,72 @@ class RedisStore(SessionStore, JobQueue):
             raise SessionNotFound(f"{session_id} has no version {version}")
         return VersionRecord.from_json(text)
 
-    def load_probability(self, session_id: str, version: int) -> bytes:
-        record = self.get_version(session_id, version)
-        blob = self._redis.hget(self._key(session_id, "versions"), f"blob:{record.probability_of}")
+    def _blob(self, session_id: str, record: VersionRecord, name: str) -> bytes:
+        blob = self._redis.hget(self._key(session_id, "versions"), f"{name}:{record.probability_of}")
         if blob is None:
             raise self._missing(session_id)
         return bytes(blob)
 
+    @_reachable
+    def load_probability(self, session_id: str, version: int) -> bytes:
+        return self._blob(session_id, self.get_version(session_id, version), BLOB_PROBABILITY)
+
+    @_reachable
+    def load_mask(self, session_id: str, version: int) -> VersionMask:
+        record = self.get_version(session_id, version)
+        return VersionMask(record, json.loads(self._blob(session_id, record, BLOB_MASK)))
+
+    @_reachable
     def commit_version(
-        self, session_id: str, base_version: int, record: VersionRecord, probability: bytes | None
+        self,
+        session_id: str,
+        base_version: int,
+        record: VersionRecord,
+        blobs: dict[str, bytes],
+        *,
+        idempotency: IdempotencyClaim | None = None,
     ) -> CommitResult:
-        result = self._commit(
-            keys=[self._key(session_id, "meta"), self._key(session_id, "versions")],
-            args=[
-                base_version,
-                record.version,
-                record.to_json(),
-                record.job_id,
-                "1" if probability is not None else "0",
-                probability if probability is not None else b"",
-            ],
-        )
+        done = JobOutcome(record.job_id, OutcomeStatus.DONE, version=record.version)
+        binding = Binding(record.job_id, idempotency.fingerprint) if idempotency else None
+        args: list[Any] = [
+            base_version,
+            record.version,
+            record.to_json(),
+            record.job_id,
+            done.to_json(),
+            idempotency.key if idempotency else "",
+            binding.to_json() if binding else "",
+            int(OUTCOME_TTL_S),
+            len(record.clicks),
+        ]
+        for name, blob in blobs.items():
+            args += [name, blob]
+        keys = [self._key(session_id, part) for part in ("meta", "versions", "jobs", "idem")]
+        result = self._commit(keys=[*keys, self._wake(record.job_id)], args=args)
         return CommitResult(result.decode())
 
-    def claim_idempotency(self, session_id: str, key: str) -> str | None:
-        idem = self._key(session_id, "idem")
+    @_reachable
+    def binding(self, session_id: str, key: str) -> Binding | None:
+        text = self._redis.hget(self._key(session_id, "idem"), key)
+        return None if text is None else Binding.from_json(text)
+
+    # -- per-key limits -----------------------------------------------------------
+    @_reachable
+    def count_request(self, owner: str, window_s: int) -> int:
+        key = f"{self._p}:rate:{owner}:{int(time.time() // window_s)}"
         with self._redis.pipeline() as pipe:
-            pipe.hsetnx(idem, key, "pending")
-            pipe.hget(idem, key)
-            pipe.pexpire(idem, self._ttl_ms)
-            claimed, value, _ = pipe.execute()
-        return None if claimed else value.decode()
+            pipe.incr(key)
+            pipe.expire(key, 2 * window_s)
+            count, _ = pipe.execute()
+        return int(count)
 
-    def finish_idempotency(self, session_id: str, key: str, value: str) -> None:
-        idem = self._key(session_id, "idem")
-        if self._redis.hexists(idem, key):
-            self._redis.hset(idem, key, value)
-
-    def release_idempotency(self, session_id: str, key: str) -> None:
-        self._redis.hdel(self._key(session_id, "idem"), key)
+    @_reachable
+    def admit_session(self, owner: str, session_id: str, limit: int) -> bool:
+        admitted = self._admit(
+            keys=[f"{self._p}:owner:{owner}"],
+            args=[f"{self._p}:s:", session_id, limit, self._known_ttl_ms],
+        )
+        return bool(admitted)
 
     # -- jobs -------------------------------------------------------------------
     def _ensure_group(self) -> None:
@@ -203,17 +340,108 @@ class RedisStore(SessionStore, JobQueue):
                 raise
         self._group_ready = True
 
-    def enqueue(self, job: Job) -> None:
+    @_reachable
+    def submit(self, job: Job, idempotency: IdempotencyClaim | None = None) -> Submission:
         self._ensure_group()
-        self._redis.xadd(self._stream, {"job": job.to_json()}, maxlen=100_000, approximate=True)
+        queued = JobOutcome(job.id, OutcomeStatus.QUEUED)
+        fingerprint = idempotency.fingerprint if idempotency else ""
+        keys = [self._key(job.session_id, part) for part in ("meta", "jobs", "idem")]
+        answer = self._submit(
+            keys=[*keys, self._stream],
+            args=[
+                job.id,
+                queued.to_json(),
+                job.to_json(),
+                idempotency.key if idempotency else "",
+                Binding(job.id, fingerprint).to_json(),
+            ],
+        )
+        status = answer[0].decode()
+        if status == "gone":
+            raise self._missing(job.session_id)
+        if status == "bound":
+            bound = Binding.from_json(answer[1])
+            return Submission(bound.job_id, bound.fingerprint, new=False)
+        return Submission(job.id, fingerprint, new=True)
+
+    @_reachable
+    def job_outcome(self, session_id: str, job_id: str) -> JobOutcome | None:
+        text = self._redis.hget(self._key(session_id, "jobs"), job_id)
+        return None if text is None else JobOutcome.from_json(text)
+
+    @_reachable
+    def wait_outcome(self, session_id: str, job_id: str, timeout_s: float) -> JobOutcome:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return JobOutcome(job_id, OutcomeStatus.QUEUED)
+            try:
+                answer = self._redis.blpop([self._wake(job_id)], timeout=min(WAKE_SLICE_S, max(remaining, 0.01)))
+            except redis.TimeoutError:
+                answer = None  # a late reply on a busy machine; the state read below tells an outage apart
+            if answer is not None:
+                return JobOutcome.from_json(answer[1])
+            outcome = self.job_outcome(session_id, job_id)
+            if outcome is None:
+                return JobOutcome(job_id, OutcomeStatus.GONE, message="session was deleted or has expired")
+            if outcome.status.finished:
+                return outcome
+
+    def _finish_queued(self, session_id: str, outcome: JobOutcome) -> JobOutcome:
+        state = self._finish(
+            keys=[self._key(session_id, "jobs"), self._wake(outcome.job_id), self._key(session_id, "meta")],
+            args=[outcome.job_id, outcome.to_json(), int(OUTCOME_TTL_S)],
+        )
+        return JobOutcome.from_json(state)
+
+    @_reachable
+    def cancel(self, session_id: str, job_id: str) -> JobOutcome:
+        return self._finish_queued(session_id, JobOutcome(job_id, OutcomeStatus.CANCELLED))
+
+    @_reachable
+    def finish(self, session_id: str, outcome: JobOutcome) -> None:
+        self._finish_queued(session_id, outcome)
 
     def _take(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Job:
         job = Job.from_json(fields[b"job"])
         self._entries[job.id] = entry_id
         return job
 
+    def _claim_from_dead_workers(self, consumer: str) -> Job | None:
+        """A job held by a consumer with no heartbeat (it died): taken at once."""
+        now = time.monotonic()
+        if now < self._next_dead_scan:
+            return None
+        self._next_dead_scan = now + DEAD_WORKER_SCAN_S
+        live = {n.decode() for n in self._redis.zrangebyscore(f"{self._p}:workers", time.time() - WORKER_TTL_S, "+inf")}
+        for holder in self._redis.xpending(self._stream, GROUP).get("consumers") or []:
+            name = holder["name"].decode() if isinstance(holder["name"], bytes) else str(holder["name"])
+            if name == consumer or name in live:
+                continue
+            for entry in self._redis.xpending_range(self._stream, GROUP, "-", "+", 1, consumername=name):
+                claimed = self._redis.xclaim(self._stream, GROUP, consumer, 500, [entry["message_id"]])
+                for entry_id, fields in claimed:
+                    if fields:
+                        return self._take(entry_id, fields)
+        return None
+
+    @_reachable
     def next_job(self, consumer: str, block_s: float) -> Job | None:
+        try:
+            return self._next_job(consumer, block_s)
+        except redis.ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+            self._group_ready = False  # Redis lost the stream (a restart without persistence)
+            self._ensure_group()
+            return None
+
+    def _next_job(self, consumer: str, block_s: float) -> Job | None:
         self._ensure_group()
+        orphan = self._claim_from_dead_workers(consumer)
+        if orphan is not None:
+            return orphan
         answer = self._redis.xautoclaim(
             self._stream, GROUP, consumer, min_idle_time=self._claim_idle_ms, count=1
         )
@@ -228,11 +456,13 @@ class RedisStore(SessionStore, JobQueue):
                 return self._take(entry_id, fields)
         return None
 
+    @_reachable
     def keep_alive(self, job: Job, consumer: str) -> None:
         entry_id = self._entries.get(job.id)
         if entry_id is not None:
             self._redis.xclaim(self._stream, GROUP, consumer, 0, [entry_id], justid=True)
 
+    @_reachable
     def ack(self, job: Job) -> None:
         entry_id = self._entries.pop(job.id, None)
         if entry_id is not None:
@@ -241,25 +471,23 @@ class RedisStore(SessionStore, JobQueue):
                 pipe.xdel(self._stream, entry_id)
                 pipe.execute()
 
-    def publish_outcome(self, outcome: JobOutcome) -> None:
-        key = f"{self._p}:outcome:{outcome.job_id}"
-        with self._redis.pipeline() as pipe:
-            pipe.rpush(key, outcome.to_json())
-            pipe.expire(key, int(OUTCOME_TTL_S))
-            pipe.execute()
-
-    def wait_outcome(self, job_id: str, timeout_s: float) -> JobOutcome | None:
-        answer = self._redis.blpop([f"{self._p}:outcome:{job_id}"], timeout=max(timeout_s, 0.01))
-        return None if answer is None else JobOutcome.from_json(answer[1])
-
+    @_reachable
     def heartbeat(self, worker: str, info: dict[str, Any]) -> None:
         now = time.time()
         with self._redis.pipeline() as pipe:
             pipe.zadd(f"{self._p}:workers", {worker: now})
             pipe.zremrangebyscore(f"{self._p}:workers", "-inf", now - WORKER_TTL_S)
-            pipe.set(f"{self._p}:worker:{worker}", json.dumps(info), ex=int(WORKER_TTL_S))
+            pipe.set(f"{self._p}:worker:{worker}", json.dumps(info), px=int(WORKER_TTL_S * 1000))
             pipe.execute()
 
+    @_reachable
+    def retire(self, worker: str) -> None:
+        with self._redis.pipeline() as pipe:
+            pipe.zrem(f"{self._p}:workers", worker)
+            pipe.delete(f"{self._p}:worker:{worker}")
+            pipe.execute()
+
+    @_reachable
     def live_workers(self) -> list[dict[str, Any]]:
         names = self._redis.zrangebyscore(f"{self._p}:workers", time.time() - WORKER_TTL_S, "+inf")
         if not names:

@@ -45,6 +45,15 @@ def _bad_uploads(files: dict[str, Path]) -> dict[str, tuple[dict[str, bytes], in
     singular[:3, 2] = 0
     far_away = affine.copy()
     far_away[:3, 3] += 5000.0
+    huge_spacing = np.diag([1e300, 1e300, 1e300, 1.0])
+    far_origin = affine.copy()
+    far_origin[:3, 3] = 1e307
+    zero_pixdim = nib.Nifti1Image(ct_array, None)
+    zero_pixdim.header["pixdim"][1:4] = 0
+    zero_pixdim.set_qform(None, code=0)
+    zero_pixdim.set_sform(None, code=0)
+    extreme = np.full((6, 6, 6), -3.0e38, np.float32)
+    extreme[2:4, 2:4, 2:4] = 3.0e38
     corrupt = bytearray(ct)
     corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 64] = bytes(64)
     return {
@@ -59,12 +68,18 @@ def _bad_uploads(files: dict[str, Path]) -> dict[str, tuple[dict[str, bytes], in
         "singular affine": ({"ct": _nifti_bytes(ct_array, singular), "pet": pet}, 422, "affine"),
         "no overlap": ({"ct": _nifti_bytes(ct_array, far_away), "pet": pet}, 422, "do not overlap"),
         "over upload limit": ({"ct": np.random.default_rng(0).bytes(3 * 2**20), "pet": pet}, 413, "limit"),
+        "huge spacing": ({"ct": _nifti_bytes(ct_array, huge_spacing), "pet": pet}, 422, "spacing"),
+        "origin 1e307": ({"ct": _nifti_bytes(ct_array, far_origin), "pet": _nifti_bytes(ct_array, far_origin)},
+                         422, "from the world origin"),
+        "zero pixdim": ({"ct": gzip.compress(zero_pixdim.to_bytes()), "pet": pet}, 422, "pixdim"),
+        "overflowing pet": ({"ct": ct, "pet": _nifti_bytes(extreme, np.diag([8.0, 8.0, 8.0, 1.0]))}, 422, "extreme"),
     }
 
 
 BAD_UPLOAD_IDS = [
     "not nifti", "truncated gzip", "corrupt gzip", "gzip bomb", "4d image", "2d image", "nan voxels",
-    "inf voxels", "singular affine", "no overlap", "over upload limit",
+    "inf voxels", "singular affine", "no overlap", "over upload limit", "huge spacing", "origin 1e307",
+    "zero pixdim", "overflowing pet",
 ]
 
 
@@ -94,6 +109,10 @@ def test_missing_file_and_bad_centre(service: Service, ct_pet_files: dict[str, P
     files = {role: (f"{role}.nii.gz", path.read_bytes()) for role, path in ct_pet_files.items()}
     _problem(client.post("/v1/sessions", files=files, data={"centre": "1,2"}), 422, "centre")
     _problem(client.post("/v1/sessions", files=files, data={"centre": "1,nan,2"}), 422, "centre")
+    # a centre outside the CT (for example LPS taken for RAS, or a typo) is refused with the CT's extent
+    far = client.post("/v1/sessions", files=files, data={"centre": "10000,10000,10000"})
+    _problem(far, 422, "lies outside the CT, which spans x")
+    assert far.json()["type"] == "urn:icr:problem:invalid-centre"
 
 
 def test_bad_clicks_leave_the_session_untouched(service: Service, ct_pet_files: dict[str, Path]) -> None:
@@ -116,6 +135,8 @@ def test_bad_clicks_leave_the_session_untouched(service: Service, ct_pet_files: 
     _problem(client.post(url, json={"clicks": []}), 422, "clicks")
     _problem(client.post(url, content=b'{"clicks": [', headers={"content-type": "application/json"}), 422, "JSON")
     _problem(client.post(url, json={"clicks": [{"label": "foreground", "voxel": [1.5, 1, 1]}]}), 422, "voxel")
+    huge = b'{"clicks": [' + b'{"label": "foreground", "voxel": [1, 1, 1]},' * 20000 + b"]}"
+    _problem(client.post(url, content=huge, headers={"content-type": "application/json"}), 413, "limit")
     state = client.get(f"/v1/sessions/{sid}").json()
     assert state["version"] == 0 and state["clicks"] == []
     mask = client.get(f"/v1/sessions/{sid}/mask")

@@ -16,7 +16,13 @@ router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 NIFTI_MEDIA_TYPE = "application/gzip"
 IfMatch = Annotated[str | None, Header(description="The version the client last saw; 412 when stale.")]
 IdempotencyKey = Annotated[
-    str | None, Header(max_length=200, description="Retries with the same key are applied once.")
+    str | None,
+    Header(
+        min_length=1,
+        max_length=200,
+        description="Retries with the same key are applied once and answered with the first outcome; "
+        "the same key with a different body is refused (422).",
+    ),
 ]
 
 
@@ -76,8 +82,15 @@ def add_clicks(
 
 
 @router.post("/{session_id}/undo", response_model=ResultOut, summary="Restore the previous version")
-def undo(session_id: str, sessions: SessionsDep, owner: OwnerDep, response: Response, if_match: IfMatch = None) -> ResultOut:
-    view = sessions.undo(session_id, owner, if_match)
+def undo(
+    session_id: str,
+    sessions: SessionsDep,
+    owner: OwnerDep,
+    response: Response,
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> ResultOut:
+    view = sessions.undo(session_id, owner, if_match, idempotency_key)
     _etag(response, view)
     return _result(view)
 
@@ -94,7 +107,8 @@ def get_mask(
     owner: OwnerDep,
     space: Annotated[Literal["working", "original"], Query(description="working grid or the uploaded CT's grid")] = "working",
 ) -> Response:
-    view = sessions.view(sessions.ready_record(session_id, owner))
+    record = sessions.ready_record(session_id, owner)
+    view = sessions.answer(record, record.version) if space == "working" else sessions.view(record)
     mask, affine = sessions.mask_volume(view, space)
     return _nifti(write_nifti(mask, affine, dtype="uint8"), view, f"mask-{space}")
 
