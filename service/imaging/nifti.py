@@ -39,6 +39,7 @@ def read_nifti(data: bytes, *, role: str, max_decompressed_bytes: int) -> Volume
     """Parse an uploaded .nii or .nii.gz into a float32 3D :class:`Volume`."""
     raw = _decompressed(data, role=role, limit=max_decompressed_bytes)
     image = _parse_single_file_nifti(raw, role=role)
+    _check_voxel_size(raw, image, role=role)
     shape = _volume_shape(image.header, role=role)
     _check_declared_size(image.header, available=len(raw), role=role, limit=max_decompressed_bytes)
     array = _voxels(image, shape, role=role)
@@ -154,6 +155,20 @@ def _nifti_class(raw: bytes) -> type[nib.Nifti1Image] | None:
     return None
 
 
+def _check_voxel_size(raw: bytes, image: nib.Nifti1Image, *, role: str) -> None:
+    """Refuse a zero voxel size where it gives the geometry (no sform): nibabel would
+    silently read it as 1 mm. Read from the raw header, before nibabel's repair."""
+    if image.header.get_sform(coded=True)[1] != 0:
+        return
+    order = "<" if int.from_bytes(raw[:4], "little") in (_NIFTI1_HEADER_BYTES, _NIFTI2_HEADER_BYTES) else ">"
+    if isinstance(image, nib.Nifti2Image):
+        pixdim = np.frombuffer(raw[104:168], dtype=f"{order}f8")
+    else:
+        pixdim = np.frombuffer(raw[76:108], dtype=f"{order}f4")
+    if np.any(pixdim[1:4] == 0):
+        raise ImageError(f"{role}: voxel size (pixdim) is zero and no sform gives the geometry")
+
+
 def _volume_shape(header: nib.Nifti1Header, *, role: str) -> tuple[int, int, int]:
     """The 3D shape, allowing trailing singleton dimensions (e.g. a one-frame 4D file)."""
     shape = tuple(int(n) for n in header.get_data_shape())
@@ -208,19 +223,19 @@ def _voxels(image: nib.Nifti1Image, shape: tuple[int, int, int], *, role: str) -
 def _affine(image: nib.Nifti1Image, *, role: str) -> np.ndarray:
     """nibabel's best affine (sform, else qform, else pixdim), checked to be a sane geometry:
     finite, invertible, voxel edges within ``SPACING_RANGE_MM``, placed within ``MAX_WORLD_MM``."""
-    if image.header.get_sform(coded=True)[1] == 0 and np.any(np.asarray(image.header["pixdim"][1:4]) == 0):
-        raise ImageError(f"{role}: voxel size (pixdim) is zero and no sform gives the geometry")
     affine = np.asarray(image.affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+    if (
+        affine.shape != (4, 4)
+        or not np.all(np.isfinite(affine))
+        or not abs(np.linalg.det(affine[:3, :3])) > _MIN_AFFINE_DETERMINANT
+    ):
         raise ImageError(f"{role}: affine is singular or not finite")
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     low, high = SPACING_RANGE_MM
     if not np.all((spacing >= low) & (spacing <= high)):
         raise ImageError(
-            f"{role}: voxel spacing {[round(float(v), 6) for v in spacing]} mm is outside {low}-{high} mm"
+            f"{role}: affine gives voxel spacing {[float(f'{v:.6g}') for v in spacing]} mm, outside {low}-{high} mm"
         )
-    if not abs(np.linalg.det(affine[:3, :3] / spacing)) > _MIN_AFFINE_DETERMINANT:
-        raise ImageError(f"{role}: affine is singular or not finite")
     corners = np.array([[0, 0, 0], np.asarray(image.shape[:3]) - 1], dtype=np.float64)
     if np.abs(corners @ affine[:3, :3].T + affine[:3, 3]).max() > MAX_WORLD_MM:
         raise ImageError(f"{role}: image lies more than {MAX_WORLD_MM:g} mm from the world origin")

@@ -20,7 +20,8 @@ SECRET_HEADER = "SECRET-HEADER-TEXT"
 def _nifti_bytes(array: np.ndarray, affine: np.ndarray, description: str = "") -> bytes:
     image = nib.Nifti1Image(array, np.eye(4))
     image.set_qform(None, code=0)
-    image.set_sform(affine, code=1)  # the sform holds any affine, a singular one too
+    with np.errstate(over="ignore"):  # float32 srows: 1e307 becomes inf, as in a hostile file
+        image.set_sform(affine, code=1)  # the sform holds any affine, a singular one too
     if description:
         image.header["descrip"] = description.encode()
     return gzip.compress(image.to_bytes())
@@ -45,13 +46,15 @@ def _bad_uploads(files: dict[str, Path]) -> dict[str, tuple[dict[str, bytes], in
     singular[:3, 2] = 0
     far_away = affine.copy()
     far_away[:3, 3] += 5000.0
-    huge_spacing = np.diag([1e300, 1e300, 1e300, 1.0])
+    huge_spacing = np.diag([1e30, 1e30, 1e30, 1.0])
     far_origin = affine.copy()
-    far_origin[:3, 3] = 1e307
-    zero_pixdim = nib.Nifti1Image(ct_array, None)
-    zero_pixdim.header["pixdim"][1:4] = 0
-    zero_pixdim.set_qform(None, code=0)
-    zero_pixdim.set_sform(None, code=0)
+    far_origin[:3, 3] = 1e30
+    overflowing = np.diag([1e307, 1e307, 1e307, 1.0])
+    no_transform = nib.Nifti1Image(ct_array, None)
+    no_transform.set_qform(None, code=0)
+    no_transform.set_sform(None, code=0)
+    zero_pixdim = bytearray(no_transform.to_bytes())
+    zero_pixdim[80:92] = np.zeros(3, "<f4").tobytes()  # pixdim[1:4] of the NIfTI-1 header
     extreme = np.full((6, 6, 6), -3.0e38, np.float32)
     extreme[2:4, 2:4, 2:4] = 3.0e38
     corrupt = bytearray(ct)
@@ -69,16 +72,18 @@ def _bad_uploads(files: dict[str, Path]) -> dict[str, tuple[dict[str, bytes], in
         "no overlap": ({"ct": _nifti_bytes(ct_array, far_away), "pet": pet}, 422, "do not overlap"),
         "over upload limit": ({"ct": np.random.default_rng(0).bytes(3 * 2**20), "pet": pet}, 413, "limit"),
         "huge spacing": ({"ct": _nifti_bytes(ct_array, huge_spacing), "pet": pet}, 422, "spacing"),
-        "origin 1e307": ({"ct": _nifti_bytes(ct_array, far_origin), "pet": _nifti_bytes(ct_array, far_origin)},
-                         422, "from the world origin"),
-        "zero pixdim": ({"ct": gzip.compress(zero_pixdim.to_bytes()), "pet": pet}, 422, "pixdim"),
+        "far origin": ({"ct": _nifti_bytes(ct_array, far_origin), "pet": _nifti_bytes(ct_array, far_origin)},
+                       422, "from the world origin"),
+        "affine 1e307": ({"ct": _nifti_bytes(ct_array, overflowing), "pet": _nifti_bytes(ct_array, overflowing)},
+                         422, "affine"),
+        "zero pixdim": ({"ct": gzip.compress(bytes(zero_pixdim)), "pet": pet}, 422, "pixdim"),
         "overflowing pet": ({"ct": ct, "pet": _nifti_bytes(extreme, np.diag([8.0, 8.0, 8.0, 1.0]))}, 422, "extreme"),
     }
 
 
 BAD_UPLOAD_IDS = [
     "not nifti", "truncated gzip", "corrupt gzip", "gzip bomb", "4d image", "2d image", "nan voxels",
-    "inf voxels", "singular affine", "no overlap", "over upload limit", "huge spacing", "origin 1e307",
+    "inf voxels", "singular affine", "no overlap", "over upload limit", "huge spacing", "far origin", "affine 1e307",
     "zero pixdim", "overflowing pet",
 ]
 
