@@ -41,6 +41,8 @@ from service.imaging.volume import ImageError
 from service.settings import Settings
 from service.store.codec import decode_array, decode_mask, encode_array
 from service.store.contract import (
+    BLOB_MASK,
+    BLOB_PROBABILITY,
     Binding,
     Click,
     CommitResult,
@@ -48,6 +50,7 @@ from service.store.contract import (
     Job,
     JobOutcome,
     JobQueue,
+    NoLiveWorker,
     OutcomeStatus,
     SessionGone,
     SessionNotFound,
@@ -159,8 +162,11 @@ class Sessions:
         """The session at ``version`` (default: current), with its probability decoded when asked."""
         number = record.version if version is None else version
         try:
-            version_record = self.store.get_version(record.id, number)
-            probability = decode_array(self.store.load_probability(record.id, number)) if with_probability else None
+            if with_probability:
+                stored = self.store.load_blob(record.id, number, BLOB_PROBABILITY)
+                version_record, probability = stored.record, decode_array(stored.blob)
+            else:
+                version_record, probability = self.store.get_version(record.id, number), None
         except SessionGone:
             raise
         except SessionNotFound as error:  # the session is there (it was just read): the version is not
@@ -169,8 +175,8 @@ class Sessions:
 
     def answer(self, record: SessionRecord, version: int) -> SessionView:
         """The result of ``version`` from its record and packed mask (no probability decoded)."""
-        stored = self.store.load_mask(record.id, version)
-        return SessionView(record, stored.record, WorkingGrid.from_dict(record.grid), mask_wire=stored.mask)
+        stored = self.store.load_blob(record.id, version, BLOB_MASK)
+        return SessionView(record, stored.record, WorkingGrid.from_dict(record.grid), mask_wire=json.loads(stored.blob))
 
     # -- creating -----------------------------------------------------------------
     def _live_workers(self) -> list[dict[str, Any]]:
@@ -242,9 +248,10 @@ class Sessions:
     # -- jobs -----------------------------------------------------------------------
     def _run(self, job: Job, claim: IdempotencyClaim | None) -> JobOutcome:
         """Submit ``job`` (or follow the job ``claim``'s key is bound to) and wait for its outcome."""
-        self._live_workers()
         try:
             submission = self.queue.submit(job, claim)
+        except NoLiveWorker as error:
+            raise errors.NoEngine("no engine worker is alive; start one with 'icr worker'") from error
         except StoreUnavailable as error:  # the command may have reached the store before it went away
             raise _outcome_unknown("was submitted") from error
         if not submission.new:

@@ -32,6 +32,7 @@ from service.engine.guarantee import honour_clicks, honour_radius_voxels
 from service.engine.outputs import version_blobs
 from service.store.codec import decode_array
 from service.store.contract import (
+    BLOB_PROBABILITY,
     Click,
     CommitResult,
     Job,
@@ -188,9 +189,9 @@ class Worker:
             probability = self.engine.initial_probability(images)
             parent = None
         else:
-            base = self.store.get_version(job.session_id, job.base_version)
-            previous = decode_array(self.store.load_probability(job.session_id, job.base_version))
-            clicks = base.clicks + job.new_clicks
+            base = self.store.load_blob(job.session_id, job.base_version, BLOB_PROBABILITY)
+            previous = decode_array(base.blob)
+            clicks = base.record.clicks + job.new_clicks
             probability = self.engine.refine(images, previous, clicks, new_clicks=len(job.new_clicks))
             parent = job.base_version
         spacing = self.engine.checkpoint.spacing_mm

@@ -51,6 +51,10 @@ class StoreUnavailable(StoreError):
     """The backing store cannot be reached (or did not answer in time)."""
 
 
+class NoLiveWorker(StoreError):
+    """A job was submitted while no engine worker is alive: nothing was queued."""
+
+
 @dataclass(frozen=True)
 class Click:
     """One click: its label and its working-grid voxel. The one click type of the project."""
@@ -241,12 +245,9 @@ class SessionStore(abc.ABC):
     def get_version(self, session_id: str, version: int) -> VersionRecord: ...
 
     @abc.abstractmethod
-    def load_probability(self, session_id: str, version: int) -> bytes:
-        """The probability blob of ``version`` (following ``probability_of``)."""
-
-    @abc.abstractmethod
-    def load_mask(self, session_id: str, version: int) -> VersionMask:
-        """The version's record and its packed mask (the wire form, JSON), in one read."""
+    def load_blob(self, session_id: str, version: int, name: str) -> VersionBlob:
+        """The version's record and its blob ``name`` (``BLOB_PROBABILITY``, ``BLOB_MASK``:
+        the packed mask's wire form as JSON), following ``probability_of``; one read."""
 
     @abc.abstractmethod
     def commit_version(
@@ -280,9 +281,9 @@ class SessionStore(abc.ABC):
 
 
 @dataclass(frozen=True)
-class VersionMask:
+class VersionBlob:
     record: VersionRecord
-    mask: dict[str, Any]
+    blob: bytes
 
 
 class JobQueue(abc.ABC):
@@ -290,7 +291,8 @@ class JobQueue(abc.ABC):
 
     @abc.abstractmethod
     def submit(self, job: Job, idempotency: IdempotencyClaim | None = None) -> Submission:
-        """Queue ``job`` (state ``queued``), binding ``idempotency``'s key to it, in one step.
+        """Queue ``job`` (state ``queued``), binding ``idempotency``'s key to it, in one step;
+        NoLiveWorker (nothing queued) when no engine worker is alive.
 
         When the key is bound to a job that is queued or done, nothing is queued and the
         answer names that job; a key bound to a job that failed, went stale or was

@@ -8,7 +8,6 @@ requests waiting for a job.
 from __future__ import annotations
 
 import dataclasses
-import json
 import queue
 import threading
 import time
@@ -16,8 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.store.contract import (
-    BLOB_MASK,
-    BLOB_PROBABILITY,
     WORKER_TTL_S,
     Binding,
     CommitResult,
@@ -25,13 +22,14 @@ from service.store.contract import (
     Job,
     JobOutcome,
     JobQueue,
+    NoLiveWorker,
     OutcomeStatus,
     SessionGone,
     SessionNotFound,
     SessionRecord,
     SessionStore,
     Submission,
-    VersionMask,
+    VersionBlob,
     VersionRecord,
 )
 
@@ -118,16 +116,11 @@ class MemoryStore(SessionStore, JobQueue):
         with self._lock:
             return self._version(self._live(session_id, touch=False), version)
 
-    def load_probability(self, session_id: str, version: int) -> bytes:
-        with self._lock:
-            session = self._live(session_id, touch=False)
-            return session.blobs[(BLOB_PROBABILITY, self._version(session, version).probability_of)]
-
-    def load_mask(self, session_id: str, version: int) -> VersionMask:
+    def load_blob(self, session_id: str, version: int, name: str) -> VersionBlob:
         with self._lock:
             session = self._live(session_id, touch=False)
             record = self._version(session, version)
-            return VersionMask(record, json.loads(session.blobs[(BLOB_MASK, record.probability_of)]))
+            return VersionBlob(record, session.blobs[(name, record.probability_of)])
 
     def commit_version(
         self,
@@ -193,6 +186,10 @@ class MemoryStore(SessionStore, JobQueue):
     def submit(self, job: Job, idempotency: IdempotencyClaim | None = None) -> Submission:
         with self._lock:
             session = self._live(job.session_id, touch=False)
+            if session.jobs.get(job.id) is not None:  # a resent submit
+                return Submission(job.id, idempotency.fingerprint if idempotency else "", new=True)
+            if not any(seen > time.time() - WORKER_TTL_S for seen, _ in self._workers.values()):
+                raise NoLiveWorker("no engine worker is alive")
             fingerprint = idempotency.fingerprint if idempotency else ""
             if idempotency is not None:
                 bound = session.bindings.get(idempotency.key)

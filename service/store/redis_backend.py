@@ -42,8 +42,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from service.store.contract import (
-    BLOB_MASK,
-    BLOB_PROBABILITY,
     OUTCOME_TTL_S,
     WORKER_TTL_S,
     Binding,
@@ -52,6 +50,7 @@ from service.store.contract import (
     Job,
     JobOutcome,
     JobQueue,
+    NoLiveWorker,
     OutcomeStatus,
     SessionGone,
     SessionNotFound,
@@ -59,7 +58,7 @@ from service.store.contract import (
     SessionStore,
     StoreUnavailable,
     Submission,
-    VersionMask,
+    VersionBlob,
     VersionRecord,
 )
 
@@ -73,6 +72,7 @@ R = TypeVar("R")
 _SUBMIT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {'queued'} end  -- a resent submit
+if redis.call('ZCOUNT', KEYS[5], ARGV[6], '+inf') == 0 then return {'no-worker'} end
 if ARGV[4] ~= '' then
   local bound = redis.call('HGET', KEYS[3], ARGV[4])
   if bound then
@@ -262,20 +262,23 @@ class RedisStore(SessionStore, JobQueue):
             raise SessionNotFound(f"{session_id} has no version {version}")
         return VersionRecord.from_json(text)
 
-    def _blob(self, session_id: str, record: VersionRecord, name: str) -> bytes:
-        blob = self._redis.hget(self._key(session_id, "versions"), f"{name}:{record.probability_of}")
+    @_reachable
+    def load_blob(self, session_id: str, version: int, name: str) -> VersionBlob:
+        versions = self._key(session_id, "versions")
+        with self._redis.pipeline(transaction=False) as pipe:  # most versions hold their own blobs
+            pipe.hget(versions, str(version))
+            pipe.hget(versions, f"{name}:{version}")
+            text, blob = pipe.execute()
+        if text is None:
+            if not self._redis.exists(self._key(session_id, "meta")):
+                raise self._missing(session_id)
+            raise SessionNotFound(f"{session_id} has no version {version}")
+        record = VersionRecord.from_json(text)
+        if record.probability_of != version:  # an undo shows an older version's blobs
+            blob = self._redis.hget(versions, f"{name}:{record.probability_of}")
         if blob is None:
             raise self._missing(session_id)
-        return bytes(blob)
-
-    @_reachable
-    def load_probability(self, session_id: str, version: int) -> bytes:
-        return self._blob(session_id, self.get_version(session_id, version), BLOB_PROBABILITY)
-
-    @_reachable
-    def load_mask(self, session_id: str, version: int) -> VersionMask:
-        record = self.get_version(session_id, version)
-        return VersionMask(record, json.loads(self._blob(session_id, record, BLOB_MASK)))
+        return VersionBlob(record, bytes(blob))
 
     @_reachable
     def commit_version(
@@ -347,18 +350,21 @@ class RedisStore(SessionStore, JobQueue):
         fingerprint = idempotency.fingerprint if idempotency else ""
         keys = [self._key(job.session_id, part) for part in ("meta", "jobs", "idem")]
         answer = self._submit(
-            keys=[*keys, self._stream],
+            keys=[*keys, self._stream, f"{self._p}:workers"],
             args=[
                 job.id,
                 queued.to_json(),
                 job.to_json(),
                 idempotency.key if idempotency else "",
                 Binding(job.id, fingerprint).to_json(),
+                time.time() - WORKER_TTL_S,
             ],
         )
         status = answer[0].decode()
         if status == "gone":
             raise self._missing(job.session_id)
+        if status == "no-worker":
+            raise NoLiveWorker("no engine worker is alive")
         if status == "bound":
             bound = Binding.from_json(answer[1])
             return Submission(bound.job_id, bound.fingerprint, new=False)

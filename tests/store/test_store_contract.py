@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -20,6 +21,7 @@ from service.store.contract import (
     IdempotencyClaim,
     Job,
     JobOutcome,
+    NoLiveWorker,
     OutcomeStatus,
     SessionGone,
     SessionNotFound,
@@ -41,6 +43,13 @@ def store(request: pytest.FixtureRequest) -> Iterator[MemoryStore | RedisStore]:
     redis_store = RedisStore(url, session_ttl_s=60, claim_idle_s=0.3, prefix=prefix)
     yield redis_store
     redis_store.close()
+
+
+@pytest.fixture
+def engine_alive(store: MemoryStore | RedisStore) -> MemoryStore | RedisStore:
+    """The store with one live worker, so jobs can be submitted."""
+    store.heartbeat("fixture-worker", {"name": "fixture-worker"})
+    return store
 
 
 def _record(session_id: str | None = None) -> SessionRecord:
@@ -118,10 +127,11 @@ def test_commit_only_on_current_version(store: MemoryStore | RedisStore) -> None
     assert store.commit_version(session, 0, _version(1, 0, (click,), job="b"), {}) is CommitResult.DUPLICATE
     assert store.get_session(session).version == 1
     assert store.get_version(session, 1).clicks == (click,)
-    np.testing.assert_allclose(decode_array(store.load_probability(session, 1)), 1 - probability, atol=1 / 510)
-    stored = store.load_mask(session, 1)
-    assert stored.record.clicks == (click,)
-    np.testing.assert_array_equal(decode_mask(stored.mask), decode_array(store.load_probability(session, 1)) > 0.5)
+    stored = decode_array(store.load_blob(session, 1, BLOB_PROBABILITY).blob)
+    np.testing.assert_allclose(stored, 1 - probability, atol=1 / 510)
+    packed = store.load_blob(session, 1, BLOB_MASK)
+    assert packed.record.clicks == (click,)
+    np.testing.assert_array_equal(decode_mask(json.loads(packed.blob)), stored > 0.5)
     assert store.job_outcome(session, "b") == JobOutcome("b", OutcomeStatus.DONE, version=1)
 
 
@@ -131,8 +141,10 @@ def test_version_can_share_an_older_version_blobs(store: MemoryStore | RedisStor
     store.commit_version(session, 0, _version(1, 0, job="k"), {BLOB_PROBABILITY: b"blob-1", BLOB_MASK: b'{"m": 1}'})
     undo = VersionRecord(version=2, parent=None, clicks=(), job_id="undo", probability_of=0)
     assert store.commit_version(session, 1, undo, {}) is CommitResult.COMMITTED
-    assert store.load_probability(session, 2) == b"blob-0"
-    assert store.load_mask(session, 2).mask == {"m": 0}
+    assert store.load_blob(session, 2, BLOB_PROBABILITY).blob == b"blob-0"
+    assert store.load_blob(session, 2, BLOB_MASK) .blob == b'{"m": 0}'
+    with pytest.raises(SessionNotFound):
+        store.load_blob(session, 7, BLOB_MASK)
 
 
 def test_concurrent_commits_land_once(store: MemoryStore | RedisStore) -> None:
@@ -152,7 +164,8 @@ def test_concurrent_commits_land_once(store: MemoryStore | RedisStore) -> None:
     assert results.count(CommitResult.STALE) == 7
 
 
-def test_a_key_is_bound_to_its_job_while_it_may_land(store: MemoryStore | RedisStore) -> None:
+def test_a_key_is_bound_to_its_job_while_it_may_land(engine_alive: MemoryStore | RedisStore) -> None:
+    store = engine_alive
     session = store.create_session(_record(), b"images").id
     claim = IdempotencyClaim("key-1", "fp-1")
     first = store.submit(_job(session, "job-1"), claim)
@@ -170,7 +183,8 @@ def test_a_key_is_bound_to_its_job_while_it_may_land(store: MemoryStore | RedisS
     assert store.submit(_job(session, "job-4"), None).new
 
 
-def test_a_cancelled_job_never_commits(store: MemoryStore | RedisStore) -> None:
+def test_a_cancelled_job_never_commits(engine_alive: MemoryStore | RedisStore) -> None:
+    store = engine_alive
     session = store.create_session(_record(), b"images").id
     store.commit_version(session, -1, _version(0, None, job="init"), {BLOB_PROBABILITY: b"p"})
     store.submit(_job(session, "slow"), None)
@@ -200,7 +214,8 @@ def test_an_undo_binds_its_key_in_its_commit(store: MemoryStore | RedisStore) ->
     assert store.get_session(session).version == 2
 
 
-def test_waiting_for_an_outcome(store: MemoryStore | RedisStore) -> None:
+def test_waiting_for_an_outcome(engine_alive: MemoryStore | RedisStore) -> None:
+    store = engine_alive
     session = store.create_session(_record(), b"images").id
     store.commit_version(session, -1, _version(0, None), {BLOB_PROBABILITY: b"p0"})
     store.submit(_job(session, "w"), None)
@@ -216,7 +231,8 @@ def test_waiting_for_an_outcome(store: MemoryStore | RedisStore) -> None:
     assert store.wait_outcome(session, "x", timeout_s=5.0).status is OutcomeStatus.GONE
 
 
-def test_jobs_travel_whole(store: MemoryStore | RedisStore) -> None:
+def test_jobs_travel_whole(engine_alive: MemoryStore | RedisStore) -> None:
+    store = engine_alive
     session = store.create_session(_record(), b"images").id
     job = Job(id=uuid.uuid4().hex, session_id=session, kind="refine", base_version=3,
               new_clicks=(Click("background", (0, 1, 2)),), request_id="req-1")
@@ -231,8 +247,8 @@ def test_unacknowledged_job_is_reclaimed(redis_url: str, redis_prefix: str) -> N
     store = RedisStore(redis_url, session_ttl_s=60, claim_idle_s=0.3, prefix=redis_prefix)
     session = store.create_session(_record(), b"images").id
     job = _job(session, "job-x", base=-1, kind="initial")
-    store.submit(job)
     store.heartbeat("slow", {"name": "slow"})
+    store.submit(job)
     assert store.next_job("slow", block_s=1.0) == job  # taken, never acknowledged, heartbeat kept
     survivor = RedisStore(redis_url, session_ttl_s=60, claim_idle_s=0.3, prefix=redis_prefix)
     store.heartbeat("slow", {"name": "slow"})
@@ -248,8 +264,8 @@ def test_a_dead_workers_job_is_taken_over_without_waiting_for_the_claim(redis_ur
     store = RedisStore(redis_url, session_ttl_s=60, claim_idle_s=600, prefix=redis_prefix)
     session = store.create_session(_record(), b"images").id
     job = _job(session, "job-d", base=-1, kind="initial")
-    store.submit(job)
     store.heartbeat("doomed", {"name": "doomed"})
+    store.submit(job)
     assert store.next_job("doomed", block_s=1.0) == job
     store.retire("doomed")  # as if its heartbeat had lapsed
     survivor = RedisStore(redis_url, session_ttl_s=60, claim_idle_s=600, prefix=redis_prefix)
@@ -263,6 +279,7 @@ def test_keep_alive_holds_a_claim(redis_url: str, redis_prefix: str) -> None:
     other = RedisStore(redis_url, session_ttl_s=60, claim_idle_s=0.3, prefix=redis_prefix)
     session = store.create_session(_record(), b"images").id
     job = _job(session, "job-y", base=-1, kind="initial")
+    store.heartbeat("slow", {"name": "slow"})
     store.submit(job)
     assert store.next_job("slow", block_s=1.0) == job
     for _ in range(4):
@@ -270,6 +287,15 @@ def test_keep_alive_holds_a_claim(redis_url: str, redis_prefix: str) -> None:
         store.keep_alive(job, "slow")
         store.heartbeat("slow", {"name": "slow"})
         assert other.next_job("other", block_s=0.01) is None
+
+
+def test_no_job_is_queued_without_a_live_worker(store: MemoryStore | RedisStore) -> None:
+    session = store.create_session(_record(), b"images").id
+    with pytest.raises(NoLiveWorker):
+        store.submit(_job(session, "orphan"), IdempotencyClaim("key", "fp"))
+    assert store.job_outcome(session, "orphan") is None
+    assert store.binding(session, "key") is None
+    assert store.next_job("late", block_s=0.1) is None
 
 
 def test_worker_heartbeats(store: MemoryStore | RedisStore) -> None:
