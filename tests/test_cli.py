@@ -48,6 +48,7 @@ def test_the_api_app_imports_no_engine() -> None:
     assert heavy_modules_after("from service.api.app import create_app") == []
 
 
+@pytest.mark.slow  # starts icr serve
 def test_icr_serve_over_redis_is_a_pure_api(redis_url: str, redis_prefix: str) -> None:
     """The real `icr serve` code path with REDIS_URL, up and answering, has imported no torch."""
     port = free_port()

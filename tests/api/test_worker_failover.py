@@ -23,6 +23,8 @@ from service.engine.networks import (
 from service.store.redis_backend import GROUP
 from tests.api.conftest import service_env, start, stop, wait_ready
 
+pytestmark = pytest.mark.slow  # starts icr serve and icr worker processes
+
 
 @pytest.fixture(scope="module")
 def slow_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
