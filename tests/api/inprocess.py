@@ -36,25 +36,27 @@ class InProcessService(Service):
 
 
 def inprocess_settings(weights: Path, api_keys: str | None = None) -> Settings:
-    """The limits the process-level fixtures set through ICR_* variables (tests/api/conftest.service_env)."""
-    return Settings(weights=weights, device="cpu", torch_threads=1, max_upload_mb=2.0, max_image_mb=16.0,
+    """The limits the process-level fixtures set through ICR_* variables (tests/api/conftest.service_env);
+    torch's thread count is left as this process has it."""
+    return Settings(weights=weights, device="cpu", torch_threads=None, max_upload_mb=2.0, max_image_mb=16.0,
                     job_timeout_s=60.0, redis_url=None, api_keys=api_keys)
 
 
 @contextmanager
 def log_to(path: Path) -> Iterator[None]:
-    """This process's INFO log written to ``path`` while the block runs (as ``icr serve`` logs)."""
+    """The service's INFO log (its ``service.*`` loggers) written to ``path`` while the block runs, as
+    ``icr serve`` writes it."""
     handler = logging.FileHandler(path)
     handler.setLevel(logging.INFO)
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    package = logging.getLogger("service")
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
     try:
         yield
     finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
+        package.removeHandler(handler)
+        package.setLevel(level)
         handler.close()
 
 
