@@ -1,16 +1,44 @@
-"""The ``icr`` command: serve, worker (and the science and benchmark commands)."""
+"""The ``icr`` command: serve, worker, phantoms, and the science and benchmark commands.
+
+``icr --help``, ``icr serve`` as a pure API (``REDIS_URL`` set) and the API process import
+no torch, MONAI or matplotlib: the commands that need them are registered lazily (see
+``LAZY_COMMANDS``), and ``serve`` loads an engine only in the embedded mode.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
 import threading
+from typing import NamedTuple
 
 from service.settings import Settings
 
 log = logging.getLogger("icr")
+
+
+class LazyCommand(NamedTuple):
+    """A subcommand whose module is imported only when that command runs (or shows its help)."""
+
+    module: str  # defines ``register(commands)``, which calls ``commands.add_parser(<name>, ...)``
+    help: str  # the line ``icr --help`` lists, without importing the module
+
+
+# To add a command: one line here; its module's ``register(commands)`` declares its arguments
+# and sets ``run`` (``parser.set_defaults(run=...)``), a function of the parsed arguments
+# returning the exit status.
+LAZY_COMMANDS: dict[str, LazyCommand] = {
+    "train": LazyCommand("service.science.training", "train a method's five-member ensemble(s) into a checkpoint"),
+    "evaluate": LazyCommand("service.science.evaluation",
+                            "simulated-click evaluation of checkpoints (paper tables, curves, significance)"),
+    "ablate": LazyCommand("service.science.ablation",
+                          "does a 2S-ICR refinement ensemble use its memory and its click? (first-click DSC per input)"),
+    "bench": LazyCommand("service.bench.command",
+                         "time the optimised paths against a naive baseline (engine, codec, HTTP in both modes)"),
+}
 
 
 def _configure_logging(level: str) -> None:
@@ -33,8 +61,6 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.api.app import create_app
-    from service.engine.checkpoints import CheckpointError
-    from service.engine.loading import load_engine
 
     settings = _settings()
     if settings is None:
@@ -43,10 +69,13 @@ def _serve(args: argparse.Namespace) -> int:
     settings = settings.model_copy(update=overrides)
     engine = None
     try:
-        if not settings.redis_url:  # refuse to start on unusable weights, before binding the port
+        if not settings.redis_url:  # embedded: this process runs the engine (a pure API never imports torch)
+            from service.engine.loading import load_engine
+
+            # refuse to start on unusable weights (CheckpointError is a RuntimeError), before binding the port
             engine = load_engine(settings)
         app = create_app(settings, engine)
-    except (CheckpointError, RuntimeError, ValueError) as error:
+    except (RuntimeError, ValueError) as error:
         log.error("cannot start: %s", error)
         return 2
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower())
@@ -96,7 +125,11 @@ def _phantoms(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``icr`` parser, with the real arguments of ``command`` if it is one of ``LAZY_COMMANDS``.
+
+    The other lazy commands are placeholders: they are listed with their help and take anything.
+    """
     parser = argparse.ArgumentParser(prog="icr", description="2S-ICR interactive GTVt segmentation")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -116,21 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--seed", type=int, default=0, help="seed of the set; each case derives its own")
     phantoms.set_defaults(run=_phantoms)
 
-    for module in ("service.science.training", "service.science.evaluation", "service.science.ablation",
-                   "service.bench"):
-        _register(commands, module)
+    for name, lazy in LAZY_COMMANDS.items():
+        if name == command:
+            _register(commands, name, lazy.module)
+        else:
+            commands.add_parser(name, help=lazy.help, add_help=False)
     return parser
 
 
-def _register(commands: argparse._SubParsersAction, module: str) -> None:
-    """Science and benchmark commands import torch-heavy code only when they exist."""
-    import importlib
-
+def _register(commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, module: str) -> None:
     importlib.import_module(module).register(commands)
+    if name not in commands.choices:
+        raise RuntimeError(f"{module}.register() did not add the subcommand {name!r} that LAZY_COMMANDS names")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # First pass: which command (the placeholders accept any arguments, so this only fails, and
+    # prints the top-level usage, on a missing or unknown command); then the command's own parser.
+    chosen, _ = build_parser().parse_known_args(argv)
+    args = build_parser(chosen.command).parse_args(argv)
     _configure_logging(args.log_level)
     return int(args.run(args))
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.bench import register
+from service.bench.command import register
+
+pytestmark = pytest.mark.slow  # starts icr serve, icr worker and redis-server processes
 
 TINY = ["--random", "--grid", "32", "--members", "2", "--channels", "4,8,16", "--strides", "1,2",
         "--res-units", "1", "--repeats", "2", "--clicks", "2", "--window", "16", "--margin", "4",

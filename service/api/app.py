@@ -12,6 +12,7 @@ import secrets
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -21,12 +22,13 @@ from service.api.limits import BodyLimit
 from service.api.routes import health
 from service.api.routes import sessions as session_routes
 from service.api.sessions import Sessions
-from service.engine.ensemble import Engine
-from service.engine.loading import load_engine
-from service.engine.worker import Worker
 from service.settings import Settings
+from service.store.contract import JobQueue, SessionStore
 from service.store.memory_backend import MemoryStore
 from service.store.redis_backend import connect
+
+if TYPE_CHECKING:  # the engine (torch, MONAI) is imported only by the embedded mode
+    from service.engine.ensemble import Engine
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()
         worker_thread: threading.Thread | None = None
+        store: SessionStore
+        queue: JobQueue
         if settings.redis_url:
             store = connect(
                 settings.redis_url,
@@ -53,6 +57,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             )
             queue = store
         else:
+            from service.engine.loading import load_engine
+            from service.engine.worker import Worker
+
             memory = MemoryStore(session_ttl_s=settings.session_ttl_s)
             store, queue = memory, memory
             worker = Worker(engine or load_engine(settings), memory, memory, name="embedded",

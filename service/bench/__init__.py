@@ -1,5 +1,5 @@
-"""`icr bench`: see :mod:`service.bench.command` and docs/performance.md."""
+"""`icr bench`: see :mod:`service.bench.command` and docs/performance.md.
 
-from service.bench.command import register
-
-__all__ = ["register"]
+The package itself imports nothing heavy, so its process helpers (:mod:`service.bench.processes`)
+serve tests and tools that never run a network.
+"""

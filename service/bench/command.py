@@ -165,7 +165,7 @@ def bench_http(weights: Path, data: HttpCase, args: argparse.Namespace, scratch:
     return results
 
 
-def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add ``bench`` to the ``icr`` command."""
     bench = commands.add_parser(
         "bench",

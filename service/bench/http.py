@@ -38,10 +38,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HttpCase:
-    """The files a client uploads, where to centre the grid, and the truth to click against."""
+    """The files a client uploads (by role), where to centre the grid, and the truth to click against."""
 
-    ct: Path
-    pet: Path
+    uploads: dict[str, Path]
     centre_mm: tuple[float, float, float]
     gtvt: Volume
 
@@ -50,7 +49,7 @@ def http_case(case: Case, prepared: PreparedCase) -> HttpCase:
     label = load_nifti_file(case.gtvt, role="gtvt")
     grid = prepared.grid
     centre = np.asarray(grid.origin_mm) + grid.spacing_mm * (np.asarray(grid.shape) - 1) / 2
-    return HttpCase(case.ct, case.pet, (float(centre[0]), float(centre[1]), float(centre[2])),
+    return HttpCase({"ct": case.ct, "pet": case.pet}, (float(centre[0]), float(centre[1]), float(centre[2])),
                     Volume(array=(label.array > 0).astype(np.float32), affine=label.affine))
 
 
@@ -71,7 +70,7 @@ def checked(response: httpx.Response, expected: int) -> dict[str, Any]:
 def click_sessions(url: str, data: HttpCase, sessions: int, clicks: int, seed: int) -> HttpSamples:
     """Create ``sessions`` sessions and correct each with up to ``clicks`` simulated clicks, one POST per click."""
     samples = HttpSamples()
-    files = {"ct": ("ct.nii.gz", data.ct.read_bytes()), "pet": ("pet.nii.gz", data.pet.read_bytes())}
+    files = {role: (f"{role}.nii.gz", path.read_bytes()) for role, path in data.uploads.items()}
     centre = ",".join(f"{v:.6f}" for v in data.centre_mm)
     with httpx.Client(base_url=url, timeout=SERVICE_JOB_TIMEOUT_S) as client:
         for session in range(sessions):

@@ -109,10 +109,10 @@ def start_redis(log_dir: Path) -> tuple[Process, str]:
         try:
             client.ping()
             return process, url
-        except redis.ConnectionError:
+        except redis.ConnectionError as error:
             if time.monotonic() > deadline or process.popen.poll() is not None:
                 process.stop()
-                raise BenchError(f"redis-server did not start:\n{process.log_tail()}")
+                raise BenchError(f"redis-server did not start:\n{process.log_tail()}") from error
             time.sleep(0.05)
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.networks.nets import UNet
 
 from service.engine.checkpoints import LoadedCheckpoint
 from service.engine.clicks import click_maps
@@ -59,7 +58,7 @@ def resolve_device(name: str) -> torch.device:
 class Ensemble:
     """Members run back to back on one device; ``autocast`` lowers their precision."""
 
-    members: list[UNet]
+    members: Sequence[torch.nn.Module]  # UNets, or their for_cpu_bfloat16 copies
     device: torch.device
     autocast: torch.dtype | None = None
 

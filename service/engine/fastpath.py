@@ -185,12 +185,14 @@ def _as_convolution(layer: nn.ConvTranspose3d) -> nn.Conv3d:
     """A stride-1 transposed convolution as the plain convolution it equals (kernel
     flipped, in/out swapped, padding k-1-p): oneDNN runs the plain one, PyTorch's
     fallback the transposed one (the UNet's last layer took 14% of a bfloat16 pass)."""
-    padding = tuple(k - 1 - p for k, p in zip(layer.kernel_size, layer.padding))
-    conv = nn.Conv3d(layer.in_channels, layer.out_channels, layer.kernel_size, padding=padding,
+    if isinstance(layer.padding, str):  # a transposed convolution's padding is always numbers
+        raise TypeError(f"unexpected padding {layer.padding!r}")
+    (kd, kh, kw), (pd, ph, pw) = layer.kernel_size, layer.padding
+    conv = nn.Conv3d(layer.in_channels, layer.out_channels, (kd, kh, kw), padding=(kd - 1 - pd, kh - 1 - ph, kw - 1 - pw),
                      bias=layer.bias is not None)
     with torch.no_grad():
         conv.weight.copy_(layer.weight.transpose(0, 1).flip(2, 3, 4))
-        if layer.bias is not None:
+        if conv.bias is not None and layer.bias is not None:
             conv.bias.copy_(layer.bias)
     return conv
 
@@ -208,7 +210,8 @@ def for_cpu_bfloat16(member: nn.Module) -> nn.Module:
     """A copy of ``member`` for bfloat16 autocast on a CPU: channels-last, instance norms as
     :class:`ChannelNorm`, stride-1 transposed convolutions as convolutions. The same
     function as ``member`` (equal to float32 rounding: tested); the original is untouched."""
-    return _rewritten(copy.deepcopy(member)).to(memory_format=torch.channels_last_3d)
+    # torch's type hints for Module.to lack its memory_format-only form (documented, and tested here)
+    return _rewritten(copy.deepcopy(member)).to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
 
 
 def _rewritten(module: nn.Module) -> nn.Module:

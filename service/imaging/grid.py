@@ -59,7 +59,8 @@ class WorkingGrid:
         centre = np.asarray(centre_mm, dtype=np.float64).reshape(3)
         half_extent = spacing_mm * (np.asarray(shape, dtype=np.float64) - 1) / 2
         origin = centre - half_extent
-        return cls(shape=tuple(shape), spacing_mm=spacing_mm, origin_mm=tuple(origin))
+        depth, height, width = shape
+        return cls(shape=(depth, height, width), spacing_mm=spacing_mm, origin_mm=tuple(origin))
 
     def world_to_voxel(self, points_mm: npt.ArrayLike) -> np.ndarray:
         """Continuous voxel indices of world points; (3,) or (N, 3) in, same shape out."""

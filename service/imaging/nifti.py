@@ -60,7 +60,7 @@ def load_nifti_file(
     )
 
 
-def write_nifti(array: np.ndarray, affine: np.ndarray, *, dtype: npt.DTypeLike = None) -> bytes:
+def write_nifti(array: np.ndarray, affine: np.ndarray, *, dtype: npt.DTypeLike | None = None) -> bytes:
     """Encode an image as gzip-compressed NIfTI-1 bytes (.nii.gz).
 
     Both qform and sform are set to ``affine`` (code 1, scanner) so any viewer places

@@ -35,7 +35,7 @@ import functools
 import json
 import time
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -251,7 +251,7 @@ class RedisStore(SessionStore, JobQueue):
         images = self._redis.get(self._key(session_id, "images"))
         if images is None:
             raise self._missing(session_id)
-        return bytes(images)
+        return bytes(cast(bytes, images))
 
     @_reachable
     def get_version(self, session_id: str, version: int) -> VersionRecord:
@@ -420,13 +420,14 @@ class RedisStore(SessionStore, JobQueue):
         if now < self._next_dead_scan:
             return None
         self._next_dead_scan = now + DEAD_WORKER_SCAN_S
-        live = {n.decode() for n in self._redis.zrangebyscore(f"{self._p}:workers", time.time() - WORKER_TTL_S, "+inf")}
+        live = {n.decode() for n in self._worker_names()}
         for holder in self._redis.xpending(self._stream, GROUP).get("consumers") or []:
             name = holder["name"].decode() if isinstance(holder["name"], bytes) else str(holder["name"])
             if name == consumer or name in live:
                 continue
             for entry in self._redis.xpending_range(self._stream, GROUP, "-", "+", 1, consumername=name):
-                claimed = self._redis.xclaim(self._stream, GROUP, consumer, 500, [entry["message_id"]])
+                claimed: list[Any] = cast(list[Any], self._redis.xclaim(self._stream, GROUP, consumer, 500,
+                                                                        [entry["message_id"]]))
                 for entry_id, fields in claimed:
                     if fields:
                         return self._take(entry_id, fields)
@@ -448,15 +449,13 @@ class RedisStore(SessionStore, JobQueue):
         orphan = self._claim_from_dead_workers(consumer)
         if orphan is not None:
             return orphan
-        answer = self._redis.xautoclaim(
-            self._stream, GROUP, consumer, min_idle_time=self._claim_idle_ms, count=1
-        )
+        answer = self._redis.xautoclaim(self._stream, GROUP, consumer, min_idle_time=self._claim_idle_ms, count=1)
         for entry_id, fields in answer[1]:  # Redis 6.2 answers 2 items, 7.x adds a third
             if fields:  # None when the entry was deleted meanwhile
                 return self._take(entry_id, fields)
-        delivered = self._redis.xreadgroup(
+        delivered: list[Any] = cast(list[Any], self._redis.xreadgroup(
             GROUP, consumer, {self._stream: ">"}, count=1, block=max(1, int(block_s * 1000))
-        )
+        ))
         for _, entries in delivered or []:
             for entry_id, fields in entries:
                 return self._take(entry_id, fields)
@@ -493,9 +492,12 @@ class RedisStore(SessionStore, JobQueue):
             pipe.delete(f"{self._p}:worker:{worker}")
             pipe.execute()
 
+    def _worker_names(self) -> list[bytes]:
+        return cast(list[bytes], self._redis.zrangebyscore(f"{self._p}:workers", time.time() - WORKER_TTL_S, "+inf"))
+
     @_reachable
     def live_workers(self) -> list[dict[str, Any]]:
-        names = self._redis.zrangebyscore(f"{self._p}:workers", time.time() - WORKER_TTL_S, "+inf")
+        names = self._worker_names()
         if not names:
             return []
         infos = self._redis.mget([f"{self._p}:worker:{n.decode()}" for n in names])

@@ -31,8 +31,9 @@ class Service:
     def log_text(self) -> str:
         return "".join(path.read_text(errors="replace") for path in self.logs)
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers=self.headers, timeout=120)
+    def client(self, headers: dict[str, str] | None = None) -> httpx.Client:
+        """A client with this service's headers, or with ``headers`` instead (``{}``: none)."""
+        return httpx.Client(base_url=self.url, headers=self.headers if headers is None else headers, timeout=120)
 
 
 def service_env(weights: Path, **extra: str) -> dict[str, str]:
@@ -132,6 +133,22 @@ def redis_service(
         stop(api)
 
 
-@pytest.fixture(params=["embedded", "redis"])
+@pytest.fixture(scope="session")
+def inprocess_service(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The embedded mode in this process (``create_app`` + ``TestClient``), API keys on: the fast loop's API."""
+    from tests.api.inprocess import in_process_service
+
+    with in_process_service(tiny_weights, tmp_path_factory.mktemp("inprocess") / "api.log") as service:
+        yield service
+
+
+@pytest.fixture(params=[pytest.param("embedded", marks=pytest.mark.slow), pytest.param("redis", marks=pytest.mark.slow),
+                        "inprocess"])
 def service(request: pytest.FixtureRequest) -> Service:
+    return request.getfixturevalue(f"{request.param}_service")
+
+
+@pytest.fixture(params=[pytest.param("embedded", marks=pytest.mark.slow), "inprocess"])
+def keyed_service(request: pytest.FixtureRequest) -> Service:
+    """A service with API keys on (its headers carry the first key)."""
     return request.getfixturevalue(f"{request.param}_service")

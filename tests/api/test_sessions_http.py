@@ -164,15 +164,15 @@ def test_unknown_session_is_404(service: Service) -> None:
     assert response.json()["type"] == "urn:icr:problem:session-not-found"
 
 
-def test_api_keys_guard_sessions(embedded_service: Service, ct_pet_files: dict[str, Path]) -> None:
-    owner = embedded_service.client()
+def test_api_keys_guard_sessions(keyed_service: Service, ct_pet_files: dict[str, Path]) -> None:
+    owner = keyed_service.client()
     sid = create(owner, ct_pet_files).json()["id"]
-    anonymous = httpx.Client(base_url=embedded_service.url)
+    anonymous = keyed_service.client({})
     assert anonymous.get(f"/v1/sessions/{sid}").status_code == 401
     assert create(anonymous, ct_pet_files).status_code == 401
-    wrong = httpx.Client(base_url=embedded_service.url, headers={"Authorization": "Bearer nope"})
+    wrong = keyed_service.client({"Authorization": "Bearer nope"})
     assert wrong.get(f"/v1/sessions/{sid}").status_code == 401
-    other = httpx.Client(base_url=embedded_service.url, headers={"Authorization": f"Bearer {API_KEYS[1]}"})
+    other = keyed_service.client({"Authorization": f"Bearer {API_KEYS[1]}"})
     for response in (
         other.get(f"/v1/sessions/{sid}"),
         other.post(f"/v1/sessions/{sid}/clicks", json={"clicks": [{"label": "foreground", "voxel": [1, 1, 1]}]}),

@@ -8,11 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 
 from service.bench.processes import free_port
 from service.store.redis_backend import GROUP
 from tests.api.conftest import service_env, start, stop, wait_ready
+
+pytestmark = pytest.mark.slow  # starts icr serve and icr worker processes
 
 
 def _pending_for(client: redis.Redis, stream: str, consumer: str) -> int:

@@ -130,6 +130,7 @@ def test_missing_corrupt_and_mismatched_checkpoints_are_refused(tmp_path: Path) 
         load_checkpoint(directory)
 
 
+@pytest.mark.slow  # starts icr serve
 def test_service_refuses_to_start_on_bad_weights(tmp_path: Path) -> None:
     env = {"ICR_WEIGHTS": str(tmp_path / "absent"), "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", "1"], check=False, env=env,
