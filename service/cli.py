@@ -24,6 +24,9 @@ def _serve(args: argparse.Namespace) -> int:
     from service.engine.checkpoints import CheckpointError
     from service.engine.loading import load_engine
 
+    from service import logs
+
+    logs.configure(args.log_level)
     settings = Settings()
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=overrides)
@@ -35,17 +38,21 @@ def _serve(args: argparse.Namespace) -> int:
             log.error("cannot start: %s", error)
             return 2
     app = create_app(settings, engine)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower())
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
+                log_config=None, access_log=False)  # JSON logs; the app logs each request itself
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from service import logs
+    from service.engine import endpoint
     from service.engine.checkpoints import CheckpointError
     from service.engine.loading import load_engine
     from service.engine.worker import Worker
     from service.store.contract import StoreUnavailable
     from service.store.redis_backend import connect
 
+    logs.configure(args.log_level)
     settings = Settings()
     if not settings.redis_url:
         log.error("cannot start: a worker needs REDIS_URL (the embedded 'icr serve' runs its own engine)")
@@ -57,6 +64,8 @@ def _worker(args: argparse.Namespace) -> int:
     except (CheckpointError, RuntimeError, StoreUnavailable) as error:
         log.error("cannot start: %s", error)
         return 2
+    if settings.worker_metrics_port is not None:
+        endpoint.serve(settings.host, settings.worker_metrics_port)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -100,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.set_defaults(run=_phantoms)
 
     for module in ("service.science.training", "service.science.evaluation", "service.science.ablation",
-                   "service.bench"):
+                   "service.bench", "service.bench.loadtest"):
         _register(commands, module)
     return parser
 

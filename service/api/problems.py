@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import metrics
+
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 
@@ -24,6 +26,7 @@ class Problem(Exception):
 
 
 def problem_response(request: Request, status: int, kind: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    metrics.count_problem(kind, status)
     body = {
         "type": f"urn:icr:problem:{kind}",
         "title": HTTPStatus(status).phrase,

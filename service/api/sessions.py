@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from service import logs
+from service.api import observability
 from service.api.problems import Problem
 from service.api.schemas import ClickIn, ClickOut, GridOut, MaskSummary, OriginalOut
 from service.imaging.grid import WorkingGrid, overlap_centre, preprocess, to_volume_grid
@@ -181,7 +183,8 @@ class Sessions:
             created_at=time.time(),
         )
         record = self.store.create_session(record, encode_array(images))
-        outcome = self._run(Job(id=uuid.uuid4().hex, session_id=record.id, kind="initial", base_version=-1))
+        outcome = self._run(Job(id=uuid.uuid4().hex, session_id=record.id, kind="initial", base_version=-1,
+                                   request_id=logs.request_id.get()))
         if outcome.status is not OutcomeStatus.DONE:
             self.store.delete_session(record.id)
             raise self._outcome_problem(outcome)
@@ -192,6 +195,7 @@ class Sessions:
     def _run(self, job: Job) -> JobOutcome:
         if not self.queue.live_workers():
             raise Problem(503, "no-engine", "no engine worker is alive; start one with 'icr worker'")
+        observability.observe_validation(job.kind)
         self.queue.enqueue(job)
         outcome = self.queue.wait_outcome(job.id, self.settings.job_timeout_s)
         if outcome is None:
@@ -248,7 +252,7 @@ class Sessions:
             current = self.store.get_version(record.id, record.version)
             job = Job(
                 id=uuid.uuid4().hex, session_id=record.id, kind="refine",
-                base_version=record.version, clicks=current.clicks + tuple(new),
+                base_version=record.version, clicks=current.clicks + tuple(new), request_id=logs.request_id.get(),
             )
             outcome = self._run(job)
             if outcome.status is not OutcomeStatus.DONE or outcome.version is None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from service import logs, metrics
 from service.engine.ensemble import Engine
 from service.store.codec import decode_array, encode_probability
 from service.store.contract import (
@@ -65,6 +66,7 @@ class Worker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._keep_alive_s = max(claim_idle_s / 3, 0.05)
         self._images: OrderedDict[str, np.ndarray] = OrderedDict()
+        metrics.watch_device(engine.device)
 
     # -- loop -------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -85,13 +87,15 @@ class Worker:
         while not stop.is_set():
             job = self.queue.next_job(self.name, block_s=poll_s)
             if job is not None:
-                self.handle(job)
+                with logs.bound(request_id=job.request_id, session_id=job.session_id, job_id=job.id):
+                    self.handle(job)
         log.info("worker %s stopped", self.name)
 
     def _heartbeat(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 self.queue.heartbeat(self.name, self.info())
+                metrics.mark_heartbeat()
             except Exception:  # a store outage must not kill the worker; the loop retries
                 log.warning("heartbeat failed", exc_info=True)
             stop.wait(HEARTBEAT_S)
@@ -118,10 +122,12 @@ class Worker:
     def handle(self, job: Job) -> JobOutcome:
         """Process, publish the outcome, then acknowledge (so a crash before the ack retries)."""
         started = time.perf_counter()
+        metrics.observe_phase(job.kind, "queue_wait", time.time() - job.created_at)
         with self._claim_held(job):
             outcome = self._process_safely(job)
         self.queue.publish_outcome(outcome)
         self.queue.ack(job)
+        metrics.JOBS.labels(job.kind, outcome.status.value).inc()
         log.info(
             "job %s %s on session %s: %s in %.2f s",
             job.id, job.kind, job.session_id, outcome.status.value, time.perf_counter() - started,
@@ -135,6 +141,7 @@ class Worker:
             return JobOutcome(job.id, OutcomeStatus.GONE, message="session was deleted or expired")
         except Exception as error:
             log.exception("job %s failed", job.id)
+            metrics.ENGINE_FAILURES.labels(job.kind, type(error).__name__).inc()
             return JobOutcome(job.id, OutcomeStatus.FAILED, message=f"engine error: {type(error).__name__}")
 
     # -- one job ----------------------------------------------------------------
@@ -151,6 +158,7 @@ class Worker:
     def process(self, job: Job) -> JobOutcome:
         images = self._session_images(job.session_id)
         version = job.base_version + 1
+        started = time.perf_counter()
         if job.kind == "initial":
             probability = self.engine.initial_probability(images)
             parent = None
@@ -163,6 +171,12 @@ class Worker:
         record = VersionRecord(
             version=version, parent=parent, clicks=job.clicks, job_id=job.id, probability_of=version
         )
-        result = self.store.commit_version(job.session_id, job.base_version, record, encode_probability(probability))
+        encoding = time.perf_counter()
+        blob = encode_probability(probability)
+        committing = time.perf_counter()
+        result = self.store.commit_version(job.session_id, job.base_version, record, blob)
+        metrics.observe_phase(job.kind, "engine", encoding - started)
+        metrics.observe_phase(job.kind, "encode", committing - encoding)
+        metrics.observe_phase(job.kind, "commit", time.perf_counter() - committing)
         status = _OUTCOMES[result]
         return JobOutcome(job.id, status, version=version if status is OutcomeStatus.DONE else None)

@@ -25,6 +25,7 @@ from typing import Any
 
 import redis
 
+from service import metrics
 from service.store.contract import (
     OUTCOME_TTL_S,
     WORKER_TTL_S,
@@ -36,6 +37,7 @@ from service.store.contract import (
     SessionNotFound,
     SessionRecord,
     SessionStore,
+    StoreStats,
     StoreUnavailable,
     VersionRecord,
 )
@@ -219,6 +221,7 @@ class RedisStore(SessionStore, JobQueue):
         )
         for entry_id, fields in answer[1]:  # Redis 6.2 answers 2 items, 7.x adds a third
             if fields:  # None when the entry was deleted meanwhile
+                metrics.JOBS_RECLAIMED.inc()
                 return self._take(entry_id, fields)
         delivered = self._redis.xreadgroup(
             GROUP, consumer, {self._stream: ">"}, count=1, block=max(1, int(block_s * 1000))
@@ -266,6 +269,23 @@ class RedisStore(SessionStore, JobQueue):
             return []
         infos = self._redis.mget([f"{self._p}:worker:{n.decode()}" for n in names])
         return [json.loads(info) for info in infos if info is not None]
+
+    def stats(self) -> StoreStats:
+        """Acknowledged jobs are deleted from the stream, so its length is queued + pending."""
+        self._ensure_group()
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self._stream)
+            pipe.xinfo_groups(self._stream)
+            pipe.info("memory")
+            length, groups, memory = pipe.execute()
+        group = next(g for g in groups if g["name"] in (GROUP, GROUP.encode()))
+        pending = int(group["pending"])
+        last = group["last-delivered-id"]
+        oldest = self._redis.xrange(self._stream, min=b"(" + (last if isinstance(last, bytes) else last.encode()), count=1)
+        age_s = max(time.time() - int(oldest[0][0].split(b"-")[0]) / 1000, 0.0) if oldest else 0.0
+        sessions = sum(1 for _ in self._redis.scan_iter(match=f"{self._p}:s:*:meta", count=1000))
+        return StoreStats(queued=max(int(length) - pending, 0), pending=pending, oldest_queued_age_s=age_s,
+                          sessions=sessions, bytes_stored=int(memory["used_memory"]))
 
     def close(self) -> None:
         self._redis.close()
