@@ -32,7 +32,7 @@ _IDS = {"request_id": request_id, "session_id": session_id, "job_id": job_id}
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
 # LogRecord attributes that are not an ``extra=`` field.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName", "color_message"}
 
 
 def accepted_request_id(offered: str | None) -> str:
