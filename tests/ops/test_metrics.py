@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,3 +155,60 @@ def test_redis_state_and_reclaims(redis_url: str, redis_prefix: str) -> None:
     assert metrics.REGISTRY.get_sample_value("icr_jobs_reclaimed_total") == reclaimed + 1
     store.ack(again)
     assert (store.stats().queued, store.stats().pending) == (2, 0)
+
+
+def test_an_unexpected_error_is_a_problem_with_the_request_id(client: TestClient) -> None:
+    import io
+    import logging
+
+    from service.logs import JsonFormatter
+
+    def fails() -> None:
+        raise RuntimeError("header text of case DOE^JANE")
+
+    client.app.router.add_api_route("/test-only/fails", fails)  # type: ignore[attr-defined]
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    handler.setFormatter(JsonFormatter())
+    access = logging.getLogger("icr.access")
+    access.addHandler(handler)
+    try:
+        answer = client.get("/test-only/fails", headers={"X-Request-ID": "failing-1"})
+    finally:
+        access.removeHandler(handler)
+    assert answer.status_code == 500
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["type"] == "urn:icr:problem:internal-error" and answer.json()["request_id"] == "failing-1"
+    assert answer.headers["x-request-id"] == "failing-1"
+    lines = [json.loads(text) for text in written.getvalue().splitlines()]
+    [line] = [line for line in lines if "exception" in line]
+    assert line["request_id"] == "failing-1" and line["exception"]["type"] == "RuntimeError"
+    assert any(frame.endswith("in fails") for frame in line["exception"]["frames"])
+    assert "DOE^JANE" not in written.getvalue()
+    assert client.get("/healthz").status_code == 200
+
+
+def test_multi_process_mode_merges_the_processes_files(tmp_path: Path) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR (an API under several processes) /metrics adds up every process."""
+    program = (
+        "from service import metrics\n"
+        "metrics.count_problem('session-not-found', 404)\n"
+        "import sys; sys.stdout.buffer.write(metrics.exposition())\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    outputs = [subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, check=True).stdout
+               for _ in range(2)]
+    samples = {(s.name, s.labels.get("type")): s.value
+               for f in text_string_to_metric_families(outputs[-1].decode()) for s in f.samples}
+    assert samples[("icr_problems_total", "session-not-found")] == 2
+
+
+def test_gpu_memory_is_exported_on_cuda() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    from service import metrics
+
+    metrics.watch_device(torch.device("cuda", 0))
+    names = {f.name for f in text_string_to_metric_families(metrics.exposition().decode())}
+    assert "icr_gpu_memory_bytes" in names
