@@ -29,6 +29,8 @@ log = logging.getLogger("icr.access")
 CLICK_ROUTE = "/v1/sessions/{session_id}/clicks"
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes log at DEBUG
 REQUEST_ID_HEADER = b"x-request-id"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "other", so a
+# client cannot grow the label set
 
 request_started: ContextVar[float] = ContextVar("request_started", default=0.0)
 
@@ -86,7 +88,8 @@ class RequestObserver:
 
     @staticmethod
     def _observe(scope: Scope, answer: dict[str, Any], seconds: float) -> None:
-        route, method, status = _route(scope), str(scope.get("method", "")), int(answer["status"])
+        route, status = _route(scope), int(answer["status"])
+        method = scope.get("method", "") if scope.get("method", "") in METHODS else "other"
         metrics.REQUEST_SECONDS.labels(route, method, str(status)).observe(seconds)
         if route == CLICK_ROUTE and method == "POST" and status == 200:
             metrics.CLICK_SECONDS.observe(seconds)

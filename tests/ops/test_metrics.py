@@ -94,8 +94,11 @@ def test_counts_move_with_a_click(client: TestClient, ct_pet_files: dict[str, Pa
     [worker] = [f for f in text_string_to_metric_families(client.get("/metrics").text) if f.name == "icr_workers_live"]
     assert [(s.labels["device"], s.value) for s in worker.samples] == [("cpu", 1.0)]
     assert value(after, "icr_queue_jobs", state="queued") == 0
-    # the route label is the template: no session id ever becomes a label value
+    # the route label is the template and odd methods are "other": clients cannot grow the label set
     assert not any(sid in str(labels) for _, labels in after)
+    client.request("BREW", f"/v1/sessions/{sid}")
+    assert value(scrape(client), "icr_http_request_duration_seconds_count",
+                 route="/v1/sessions/{session_id}", method="other", status="405") == 1
 
 
 def test_request_id_is_echoed_or_made(client: TestClient) -> None:
