@@ -65,6 +65,7 @@ class RequestObserver:
         offered = dict(scope.get("headers", [])).get(REQUEST_ID_HEADER)
         rid = logs.accepted_request_id(offered.decode("latin-1") if offered is not None else None)
         answer: dict[str, Any] = {"status": 500, "started": False, "location": ""}
+        scope.setdefault("state", {})["request_id"] = rid  # request.state.request_id, for problem bodies
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -105,9 +106,9 @@ class RequestObserver:
 
 
 async def _internal_error(scope: Scope, send: Send, rid: str) -> None:
-    metrics.count_problem("internal-error", 500)
+    metrics.count_problem("internal", 500)
     body = json.dumps({
-        "type": "urn:icr:problem:internal-error",
+        "type": "urn:icr:problem:internal",
         "title": "Internal Server Error",
         "status": 500,
         "detail": f"unexpected error; quote request id {rid} when reporting it",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import Request
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -181,7 +182,7 @@ def test_an_unexpected_error_is_a_problem_with_the_request_id(client: TestClient
         access.removeHandler(handler)
     assert answer.status_code == 500
     assert answer.headers["content-type"] == "application/problem+json"
-    assert answer.json()["type"] == "urn:icr:problem:internal-error" and answer.json()["request_id"] == "failing-1"
+    assert answer.json()["type"] == "urn:icr:problem:internal" and answer.json()["request_id"] == "failing-1"
     assert answer.headers["x-request-id"] == "failing-1"
     lines = [json.loads(text) for text in written.getvalue().splitlines()]
     [line] = [line for line in lines if "exception" in line]
@@ -215,3 +216,13 @@ def test_gpu_memory_is_exported_on_cuda() -> None:
     metrics.watch_device(torch.device("cuda", 0))
     names = {f.name for f in text_string_to_metric_families(metrics.exposition().decode())}
     assert "icr_gpu_memory_bytes" in names
+
+
+def test_request_id_is_on_the_request_state(client: TestClient) -> None:
+    """Handlers and problem bodies read the id as request.state.request_id."""
+
+    def echo(request: Request) -> dict[str, str]:
+        return {"request_id": request.state.request_id}
+
+    client.app.router.add_api_route("/test-only/echo", echo)  # type: ignore[attr-defined]
+    assert client.get("/test-only/echo", headers={"X-Request-ID": "state-1"}).json() == {"request_id": "state-1"}
