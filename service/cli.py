@@ -38,6 +38,8 @@ LAZY_COMMANDS: dict[str, LazyCommand] = {
                           "does a 2S-ICR refinement ensemble use its memory and its click? (first-click DSC per input)"),
     "bench": LazyCommand("service.bench.command",
                          "time the optimised paths against a naive baseline (engine, codec, HTTP in both modes)"),
+    "loadtest": LazyCommand("service.bench.loadtest",
+                            "drive N sessions x M clicks against a running deployment; errors, latencies, lost clicks"),
 }
 
 
@@ -60,8 +62,10 @@ def _settings() -> Settings | None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service import logs
     from service.api.app import create_app
 
+    logs.configure(args.log_level)
     settings = _settings()
     if settings is None:
         return 2
@@ -78,17 +82,21 @@ def _serve(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as error:
         log.error("cannot start: %s", error)
         return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower())
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
+                log_config=None, access_log=False)  # JSON logs; the app logs each request itself
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from service import logs
+    from service.engine import endpoint
     from service.engine.checkpoints import CheckpointError
     from service.engine.loading import load_engine
     from service.engine.worker import Worker
     from service.store.contract import StoreUnavailable
     from service.store.redis_backend import connect
 
+    logs.configure(args.log_level)
     settings = _settings()
     if settings is None:
         return 2
@@ -102,6 +110,8 @@ def _worker(args: argparse.Namespace) -> int:
     except (CheckpointError, RuntimeError, StoreUnavailable) as error:
         log.error("cannot start: %s", error)
         return 2
+    if settings.worker_metrics_port is not None:
+        endpoint.serve(settings.host, settings.worker_metrics_port)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:

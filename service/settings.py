@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     max_image_mb: float = Field(1024.0, gt=0, description="Largest accepted image once decompressed.")
     job_timeout_s: float = Field(300.0, gt=0, description="How long a request waits for the engine.")
     claim_idle_s: float = Field(30.0, gt=0, description="A job unrefreshed this long is taken by another worker.")
+    worker_metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Port of a worker's /metrics, /healthz and /readyz (bound to ICR_HOST); "
+        "unset: none. 0 picks a free port.",
+    )
     host: str = "127.0.0.1"
     port: int = 8000
 

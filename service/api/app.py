@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import problems
+from service.api import observability, problems
 from service.api.limits import BodyLimit
 from service.api.routes import health
+from service.api.routes import metrics as metrics_routes
 from service.api.routes import sessions as session_routes
 from service.api.sessions import Sessions
 from service.settings import Settings
@@ -90,7 +91,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     problems.install(app)
     app.include_router(health.router)
+    app.include_router(metrics_routes.router)
     app.include_router(session_routes.router)
     max_body = int(2 * settings.max_upload_mb * 2**20) + MULTIPART_OVERHEAD_BYTES
     app.add_middleware(BodyLimit, upload_bytes=max_body)
+    observability.install(app)  # last: the outermost layer, so it sees every answer
     return app

@@ -2,12 +2,12 @@
 
 ``PROBLEMS`` is the one table from an error type to its status and kind; the handlers
 below are the only place statuses are chosen. An exception the table does not know
-becomes a 500 ``internal`` problem that carries the request id, and is logged.
+becomes a 500 ``internal`` problem carrying the request id, in the outermost middleware
+(:mod:`service.api.observability`), which also logs it.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from http import HTTPStatus
 
@@ -16,11 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import metrics
 from service.api import errors
 from service.imaging.volume import ImageError
 from service.store.contract import SessionGone, SessionNotFound, StoreUnavailable
-
-log = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 STORE_RETRY_AFTER_S = 5
@@ -71,6 +70,7 @@ def problem_for(error: Exception) -> tuple[int, str, str, dict[str, str]] | None
 def problem_response(
     request: Request, status: int, kind: str, detail: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
+    metrics.count_problem(kind, status)
     body = {
         "type": f"urn:icr:problem:{kind}",
         "title": HTTPStatus(status).phrase,
@@ -101,8 +101,7 @@ def _validation_detail(error: RequestValidationError) -> str:
 def install(app: FastAPI) -> None:
     async def on_known(request: Request, error: Exception) -> JSONResponse:
         known = problem_for(error)
-        if known is None:
-            return await on_unexpected(request, error)
+        assert known is not None  # registered for the table's types only
         status, kind, detail, headers = known
         return problem_response(request, status, kind, detail, headers)
 
@@ -115,12 +114,7 @@ def install(app: FastAPI) -> None:
         kind = HTTPStatus(error.status_code).phrase.lower().replace(" ", "-")
         return problem_response(request, error.status_code, kind, str(error.detail), dict(error.headers or {}))
 
-    async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.error("unexpected %s on %s %s", type(error).__name__, request.method, request.url.path, exc_info=error)
-        return problem_response(request, 500, "internal", "an unexpected error occurred; quote the request id")
-
     for kind in PROBLEMS:
         app.add_exception_handler(kind, on_known)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    app.add_exception_handler(Exception, on_unexpected)

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from service.api import errors
+from service import logs
+from service.api import errors, observability
 from service.api.schemas import ClickIn, ClickOut, GridOut, MaskSummary, OriginalOut
 from service.imaging.grid import (
     WorkingGrid,
@@ -228,7 +229,8 @@ class Sessions:
                 f"this key holds {limit} live sessions (ICR_MAX_SESSIONS_PER_KEY); delete one or let one expire"
             )
         record = self.store.create_session(record, encode_array(images))
-        job = Job(id=uuid.uuid4().hex, session_id=record.id, kind="initial", base_version=-1, request_id=request_id)
+        job = Job(id=uuid.uuid4().hex, session_id=record.id, kind="initial", base_version=-1,
+                  request_id=request_id or logs.request_id.get())
         try:
             outcome = self._run(job, None)
             if outcome.status is not OutcomeStatus.DONE or outcome.version is None:
@@ -248,6 +250,7 @@ class Sessions:
     # -- jobs -----------------------------------------------------------------------
     def _run(self, job: Job, claim: IdempotencyClaim | None) -> JobOutcome:
         """Submit ``job`` (or follow the job ``claim``'s key is bound to) and wait for its outcome."""
+        observability.observe_validation(job.kind)
         try:
             submission = self.queue.submit(job, claim)
         except NoLiveWorker as error:
@@ -366,7 +369,7 @@ class Sessions:
         new = tuple(self._to_click(n, click, grid) for n, click in enumerate(clicks))
         job = Job(
             id=uuid.uuid4().hex, session_id=record.id, kind="refine",
-            base_version=record.version, new_clicks=new, request_id=request_id,
+            base_version=record.version, new_clicks=new, request_id=request_id or logs.request_id.get(),
         )
         return self._answer_outcome(record, self._run(job, claim))
 

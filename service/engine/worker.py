@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from service import logs, metrics
 from service.engine.ensemble import Engine
 from service.engine.guarantee import honour_clicks, honour_radius_voxels
 from service.engine.outputs import version_blobs
@@ -79,6 +80,7 @@ class Worker:
         self._keep_alive_s = max(claim_idle_s / 3, 0.05)
         self._images: OrderedDict[str, np.ndarray] = OrderedDict()
         self.honour_clicks = honour_clicks
+        metrics.watch_device(engine.device)
 
     # -- loop -------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -101,7 +103,8 @@ class Worker:
             try:
                 job = self.queue.next_job(self.name, block_s=poll_s)
                 if job is not None:
-                    self.handle(job)
+                    with logs.bound(request_id=job.request_id, session_id=job.session_id, job_id=job.id):
+                        self.handle(job)
                 wait_s = OUTAGE_BACKOFF_S[0]
             except StoreUnavailable as error:
                 log.warning("store unavailable (%s); retrying in %.1f s", error, wait_s)
@@ -117,6 +120,7 @@ class Worker:
         while not stop.is_set():
             try:
                 self.queue.heartbeat(self.name, self.info())
+                metrics.mark_heartbeat()
             except Exception:  # a store outage must not stop the heartbeat; it re-registers when back
                 log.warning("heartbeat failed", exc_info=True)
             stop.wait(HEARTBEAT_S)
@@ -148,11 +152,13 @@ class Worker:
             self.queue.ack(job)
             log.info("job %s skipped: already %s", job.id, earlier.status.value)
             return earlier
+        metrics.observe_phase(job.kind, "queue_wait", time.time() - job.created_at)
         with self._claim_held(job):
             outcome = self._process_safely(job)
         if outcome.status not in (OutcomeStatus.DONE, OutcomeStatus.CANCELLED):
             self.queue.finish(job.session_id, outcome)  # a commit records done itself
         self.queue.ack(job)
+        metrics.JOBS.labels(job.kind, outcome.status.value).inc()
         log.info(
             "job %s %s on session %s: %s in %.2f s",
             job.id, job.kind, job.session_id, outcome.status.value, time.perf_counter() - started,
@@ -168,6 +174,7 @@ class Worker:
             return JobOutcome(job.id, OutcomeStatus.GONE, message="session was deleted or expired")
         except Exception as error:
             log.exception("job %s failed", job.id)
+            metrics.ENGINE_FAILURES.labels(job.kind, type(error).__name__).inc()
             return JobOutcome(job.id, OutcomeStatus.FAILED, message=f"engine error: {type(error).__name__}")
 
     # -- one job ----------------------------------------------------------------
@@ -185,6 +192,7 @@ class Worker:
         images = self._session_images(job.session_id)
         version = job.base_version + 1
         clicks: tuple[Click, ...] = ()
+        started = time.perf_counter()
         if job.kind == "initial":
             probability = self.engine.initial_probability(images)
             parent = None
@@ -197,10 +205,15 @@ class Worker:
         spacing = self.engine.checkpoint.spacing_mm
         if self.honour_clicks:
             probability = honour_clicks(probability, clicks, honour_radius_voxels(spacing))
+        encoding = time.perf_counter()
         blobs, summary = version_blobs(probability, spacing)
         record = VersionRecord(
             version=version, parent=parent, clicks=clicks, job_id=job.id, probability_of=version, summary=summary
         )
+        committing = time.perf_counter()
         result = self.store.commit_version(job.session_id, job.base_version, record, blobs)
+        metrics.observe_phase(job.kind, "engine", encoding - started)
+        metrics.observe_phase(job.kind, "encode", committing - encoding)
+        metrics.observe_phase(job.kind, "commit", time.perf_counter() - committing)
         status = _OUTCOMES[result]
         return JobOutcome(job.id, status, version=version if status is OutcomeStatus.DONE else None)

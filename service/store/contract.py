@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Literal
@@ -129,7 +130,8 @@ class Job:
     kind: JobKind
     base_version: int
     new_clicks: tuple[Click, ...] = field(default=())
-    request_id: str = ""
+    request_id: str = ""  # the X-Request-ID of the request that made the job, for the worker's logs
+    created_at: float = field(default_factory=time.time)  # Unix time; the worker measures queue wait from it
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -218,6 +220,17 @@ class CommitResult(str, Enum):
     GONE = "gone"
     CANCELLED = "cancelled"  # the job was cancelled: nothing written
     BOUND = "bound"  # the Idempotency-Key is already bound to another job: nothing written
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """What a metrics scrape reads from the store; None where a backend cannot tell."""
+
+    queued: int  # jobs no worker has taken yet
+    pending: int  # jobs taken by a worker and not yet acknowledged
+    oldest_queued_age_s: float  # how long the oldest queued job has waited (0 when none)
+    sessions: int | None
+    bytes_stored: int | None
 
 
 class SessionStore(abc.ABC):
@@ -335,3 +348,7 @@ class JobQueue(abc.ABC):
 
     @abc.abstractmethod
     def live_workers(self) -> list[dict[str, Any]]: ...
+
+    def stats(self) -> StoreStats:
+        """Queue depth, sessions and bytes stored, for metrics (may be slow-ish: scrape time only)."""
+        raise NotImplementedError

@@ -28,6 +28,7 @@ from service.store.contract import (
     SessionNotFound,
     SessionRecord,
     SessionStore,
+    StoreStats,
     Submission,
     VersionBlob,
     VersionRecord,
@@ -262,3 +263,16 @@ class MemoryStore(SessionStore, JobQueue):
         cutoff = time.time() - WORKER_TTL_S
         with self._lock:
             return [info for seen, info in self._workers.values() if seen > cutoff]
+
+    def stats(self) -> StoreStats:
+        now = time.time()
+        with self._jobs.mutex:
+            queued = len(self._jobs.queue)
+            pending = self._jobs.unfinished_tasks - queued
+            age_s = now - self._jobs.queue[0].created_at if queued else 0.0
+        with self._lock:
+            self._sweep(now)
+            sessions = list(self._sessions.values())
+            stored = sum(len(s.images) + sum(len(b) for b in s.blobs.values()) for s in sessions)
+        return StoreStats(queued=queued, pending=pending, oldest_queued_age_s=max(age_s, 0.0),
+                          sessions=len(sessions), bytes_stored=stored)

@@ -41,6 +41,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from service import metrics
 from service.store.contract import (
     OUTCOME_TTL_S,
     WORKER_TTL_S,
@@ -56,6 +57,7 @@ from service.store.contract import (
     SessionNotFound,
     SessionRecord,
     SessionStore,
+    StoreStats,
     StoreUnavailable,
     Submission,
     VersionBlob,
@@ -448,10 +450,12 @@ class RedisStore(SessionStore, JobQueue):
         self._ensure_group()
         orphan = self._claim_from_dead_workers(consumer)
         if orphan is not None:
+            metrics.JOBS_RECLAIMED.inc()
             return orphan
         answer = self._redis.xautoclaim(self._stream, GROUP, consumer, min_idle_time=self._claim_idle_ms, count=1)
         for entry_id, fields in answer[1]:  # Redis 6.2 answers 2 items, 7.x adds a third
             if fields:  # None when the entry was deleted meanwhile
+                metrics.JOBS_RECLAIMED.inc()
                 return self._take(entry_id, fields)
         delivered: list[Any] = cast(list[Any], self._redis.xreadgroup(
             GROUP, consumer, {self._stream: ">"}, count=1, block=max(1, int(block_s * 1000))
@@ -502,6 +506,25 @@ class RedisStore(SessionStore, JobQueue):
             return []
         infos = self._redis.mget([f"{self._p}:worker:{n.decode()}" for n in names])
         return [json.loads(info) for info in infos if info is not None]
+
+    @_reachable
+    def stats(self) -> StoreStats:
+        """Acknowledged jobs are deleted from the stream, so its length is queued + pending."""
+        self._ensure_group()
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self._stream)
+            pipe.xinfo_groups(self._stream)
+            pipe.info("memory")
+            length, groups, memory = pipe.execute()
+        group = next(g for g in groups if g["name"] in (GROUP, GROUP.encode()))
+        pending = int(group["pending"])
+        last = group["last-delivered-id"]
+        oldest: list[Any] = cast(list[Any], self._redis.xrange(
+            self._stream, min=b"(" + (last if isinstance(last, bytes) else last.encode()), count=1))
+        age_s = max(time.time() - int(bytes(oldest[0][0]).split(b"-")[0]) / 1000, 0.0) if oldest else 0.0
+        sessions = sum(1 for _ in self._redis.scan_iter(match=f"{self._p}:s:*:meta", count=1000))
+        return StoreStats(queued=max(int(length) - pending, 0), pending=pending, oldest_queued_age_s=age_s,
+                          sessions=sessions, bytes_stored=int(memory["used_memory"]))
 
     def close(self) -> None:
         self._redis.close()
