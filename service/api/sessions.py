@@ -233,10 +233,21 @@ class Sessions:
         i, j, k = (int(v) for v in voxel)
         return Click(label=click.label, voxel=(i, j, k))
 
+    def _check_refinement_served(self) -> None:
+        """Clicks need a refinement stage; workers that predate the ``stages`` key have one."""
+        workers = self.queue.live_workers()
+        if workers and not any("refinement" in w.get("stages", ("refinement",)) for w in workers):
+            raise Problem(
+                409, "no-refinement-stage",
+                "the served weights have no refinement stage (an initial-only import): this deployment gives the "
+                "automatic mask but cannot refine it with clicks; import a refinement ensemble to enable clicks",
+            )
+
     def add_clicks(
         self, session_id: str, owner: str | None, clicks: list[ClickIn], if_match: str | None, key: str | None
     ) -> SessionView:
         record = self.ready_record(session_id, owner)
+        self._check_refinement_served()
         if key is not None:
             earlier = self._replay(record, key)
             if earlier is not None:
