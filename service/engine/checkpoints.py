@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ class MemberState:
 
 def write_checkpoint(
     directory: Path,
-    stages: dict[str, list[UNet]],
+    stages: Mapping[str, Sequence[UNet | MemberState]],
     *,
     method: str = "2s-icr",
     architecture: Architecture,
@@ -106,34 +107,20 @@ def write_checkpoint(
     description: str = "",
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Save ensembles in the service's checkpoint format; returns the manifest path."""
-    states = {
-        stage: [MemberState({k: v.detach().to("cpu", dtype) for k, v in net.state_dict().items()}) for net in members]
-        for stage, members in stages.items()
-    }
-    return write_state_dicts(directory, states, method=method, architecture=architecture, grid_shape=grid_shape,
-                             spacing_mm=spacing_mm, click_sigma_voxels=click_sigma_voxels, description=description)
+    """Save ensembles in the service's checkpoint format; returns the manifest path.
 
-
-def write_state_dicts(
-    directory: Path,
-    stages: dict[str, list[MemberState]],
-    *,
-    method: str = "2s-icr",
-    architecture: Architecture,
-    grid_shape: tuple[int, int, int],
-    spacing_mm: float = 1.0,
-    click_sigma_voxels: float = DEFAULT_SIGMA_VOXELS,
-    description: str = "",
-) -> Path:
-    """Save member state_dicts unchanged (dtype kept) with their manifest; returns the manifest path."""
+    A network member is saved as its state_dict in ``dtype``; a :class:`MemberState` is
+    saved as it is (its dtype kept) with its provenance in the manifest.
+    """
     if set(stages) != set(METHOD_STAGES[method]):
         raise ValueError(f"method {method} needs stages {METHOD_STAGES[method]}, got {sorted(stages)}")
     directory.mkdir(parents=True, exist_ok=True)
     manifest_stages: dict[str, Any] = {}
     for stage, members in stages.items():
         entries = []
-        for index, member in enumerate(members):
+        for index, net_or_state in enumerate(members):
+            member = net_or_state if isinstance(net_or_state, MemberState) else MemberState(
+                {k: v.detach().to("cpu", dtype) for k, v in net_or_state.state_dict().items()})
             path = directory / f"{stage}-{index}.pt"
             torch.save(member.state_dict, path)
             entries.append({"file": path.name, "sha256": sha256_file(path), **member.provenance})

@@ -28,7 +28,7 @@ from service.engine.checkpoints import (
     CheckpointError,
     MemberState,
     sha256_file,
-    write_state_dicts,
+    write_checkpoint,
 )
 from service.engine.clicks import DEFAULT_SIGMA_VOXELS
 from service.engine.networks import PAPER_ARCHITECTURE, Architecture, build_unet
@@ -289,7 +289,7 @@ def import_weights(plan: ImportPlan, out: Path) -> Path:
         f"({', '.join(f'{len(m)} {s}' for s, m in stages.items())} members)"
     )
     with staged_directory(out) as staging:
-        write_state_dicts(staging, stages, method=method, architecture=plan.architecture,
+        write_checkpoint(staging, stages, method=method, architecture=plan.architecture,
                           grid_shape=plan.grid_shape, spacing_mm=plan.spacing_mm,
                           click_sigma_voxels=plan.click_sigma_voxels, description=description)
     return out / "manifest.json"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import monai
 import numpy as np
@@ -19,7 +20,12 @@ from service.api.app import create_app
 from service.cli import main
 from service.engine.ensemble import Engine
 from service.engine.loading import load_engine
-from service.engine.networks import INITIAL_CHANNELS, REFINEMENT_CHANNELS, Architecture, build_unet
+from service.engine.networks import (
+    INITIAL_CHANNELS,
+    REFINEMENT_CHANNELS,
+    Architecture,
+    build_unet,
+)
 from service.settings import Settings
 from service.store.contract import Click
 
@@ -47,7 +53,9 @@ def member_state(in_channels: int, seed: int, dtype: torch.dtype = torch.float32
 
 
 def settings_for(weights: Path) -> Settings:
-    return Settings(weights=weights, device="cpu", autocast="off", torch_threads=1, redis_url=None, api_keys=None)
+    fields: dict[str, Any] = {"weights": weights, "device": "cpu", "autocast": "off", "torch_threads": 1,
+                              "redis_url": None, "api_keys": None}
+    return Settings(**fields)
 
 
 def weights(*args: str | Path) -> int:
@@ -134,6 +142,10 @@ def _extra_key(path: Path) -> None:
     torch.save({**member_state(INITIAL_CHANNELS, 0), "model.3.conv.weight": torch.zeros(1, 1, 1, 1, 1)}, path)
 
 
+def _text(path: Path) -> None:
+    path.write_text("weights, honest\n")
+
+
 def _nan(path: Path) -> None:
     state = member_state(INITIAL_CHANNELS, 0)
     state["model.0.conv.unit0.conv.bias"][0] = float("nan")
@@ -149,7 +161,7 @@ REFUSALS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "missing key": (_without_key, ["missing key model.1.submodule.0.residual.weight (8, 4, 3, 3, 3)"]),
     "extra key": (_extra_key, ["unexpected key model.3.conv.weight (1, 1, 1, 1, 1)"]),
     "corrupt file": (_truncated, ["not a readable PyTorch checkpoint"]),
-    "not a checkpoint": (lambda p: p.write_text("weights, honest\n"), ["not a readable PyTorch checkpoint"]),
+    "not a checkpoint": (_text, ["not a readable PyTorch checkpoint"]),
     "no state_dict": (lambda p: torch.save({"epoch": 3, "optimizer": {"lr": 1e-4}}, p),
                       ["no state_dict found", "'epoch'", "state_dict, model, net, network"]),
     "integer tensor": (lambda p: torch.save({k: v.long() for k, v in member_state(INITIAL_CHANNELS, 0).items()}, p),
