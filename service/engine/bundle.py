@@ -174,9 +174,22 @@ net.load_state_dict(torch.load("models/initial-0.pt", weights_only=True))
 ```
 
 ## Serving with 2S-ICR
-`icr weights import BUNDLE/models --out DIR --initial 'initial-*.pt' --refinement 'refinement-*.pt'`
-turns this folder back into a checkpoint directory for `ICR_WEIGHTS=DIR icr serve`.
+This command turns the bundle back into a checkpoint directory for `ICR_WEIGHTS=DIR icr serve`:
+
+```
+{_import_command(checkpoint, files)}
+```
 """
+
+
+def _import_command(checkpoint: LoadedCheckpoint, files: dict[str, list[str]]) -> str:
+    architecture = checkpoint.architecture
+    stages = " ".join(f"--{stage} '{stage}-*.pt'" for stage in files)
+    return (f"icr weights import BUNDLE/models --out DIR {stages} "
+            f"--channels {','.join(map(str, architecture.channels))} "
+            f"--strides {','.join(map(str, architecture.strides))} --res-units {architecture.num_res_units} "
+            f"--grid {','.join(map(str, checkpoint.grid_shape))} --spacing {checkpoint.spacing_mm:g} "
+            f"--click-sigma {checkpoint.click_sigma_voxels:g}")
 
 
 def _member_files(directory: Path) -> dict[str, list[str]]:

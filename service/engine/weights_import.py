@@ -126,20 +126,22 @@ def _listed(keys: list[str], shapes: Mapping[str, tuple[int, ...]]) -> str:
     return shown + (f" and {len(keys) - LISTED} more" if len(keys) > LISTED else "")
 
 
-def _first_key(state: Mapping[str, torch.Tensor]) -> str | None:
-    return next((k for k in state if k.endswith(".weight") and state[k].ndim == 5), None)
+def _input_key(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The first convolution's weight, (out, in_channels, k, k, k): with and without residual units."""
+    key = next((k for k in ("model.0.conv.unit0.conv.weight", "model.0.conv.weight") if k in state), None)
+    return key if key is not None and state[key].ndim == 5 else None
 
 
 def _stage_problem(path: Path, stage: str, state: Mapping[str, torch.Tensor], expected: Shapes) -> str | None:
     """A wrong input channel count, said as the stage it belongs to."""
-    key, want = _first_key(state), STAGE_CHANNELS[stage]
-    if key is None or key not in expected or state[key].ndim != 5:
+    key, want = _input_key(state), STAGE_CHANNELS[stage]
+    if key is None or key not in expected:
         return None
     found = int(state[key].shape[1])
     if found == want:
         return None
     other = next((s for s, n in STAGE_CHANNELS.items() if n == found), None)
-    which = f"a {other}-stage member" if other else "not a 2S-ICR member"
+    which = f"a member of the {other} stage" if other else "not a member of any stage"
     return (f"{path}: key {key}: takes {found} input channels (shape {_shape(state[key])}), "
             f"so {which}; the {stage} stage needs {want} (expected shape {expected[key]})")
 
@@ -204,7 +206,7 @@ def infer_architecture(state: Mapping[str, torch.Tensor]) -> Architecture | None
     2), and 2 is assumed where there are no residual units. Returns None unless the guess
     reproduces every key and shape.
     """
-    key = _first_key(state)
+    key = _input_key(state)
     if key is None:
         return None
     in_channels = int(state[key].shape[1])

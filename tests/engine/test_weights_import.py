@@ -4,6 +4,7 @@ check and export; every mismatch is refused with its reason, and nothing is writ
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ REFUSALS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "wrong channel count": (lambda p: torch.save(member_state(3, 0), p),
                             ["model.0.conv.unit0.conv.weight", "takes 3 input channels", "(4, 2, 3, 3, 3)"]),
     "wrong stage": (lambda p: torch.save(member_state(REFINEMENT_CHANNELS, 0), p),
-                    ["refinement-stage member", "initial stage needs 2", "(4, 5, 3, 3, 3)"]),
+                    ["a member of the refinement stage", "initial stage needs 2", "(4, 5, 3, 3, 3)"]),
     "missing key": (_without_key, ["missing key model.1.submodule.0.residual.weight (8, 4, 3, 3, 3)"]),
     "extra key": (_extra_key, ["unexpected key model.3.conv.weight (1, 1, 1, 1, 1)"]),
     "corrupt file": (_truncated, ["not a readable PyTorch checkpoint"]),
@@ -239,7 +240,10 @@ def test_exported_bundle_loads_with_monai_bundle_tooling(imported: Path, tmp_pat
     assert metadata["pytorch_version"] == torch.__version__.split("+")[0]
     assert metadata["network_data_format"]["inputs"]["image"]["num_channels"] == INITIAL_CHANNELS
     assert metadata["refinement_network_data_format"]["inputs"]["image"]["num_channels"] == REFINEMENT_CHANNELS
-    assert (bundle / "docs" / "README.md").is_file()
+    readme = (bundle / "docs" / "README.md").read_text()
+    back = readme.split("```\n")[-2].strip().replace("BUNDLE", str(bundle)).replace("DIR", str(tmp_path / "back"))
+    assert main(shlex.split(back)[1:]) == 0  # the README's import command serves the bundle's weights again
+    assert load_engine(settings_for(tmp_path / "back")).stages == ("initial", "refinement")
 
     engine = load_engine(settings_for(imported))
     images = np.random.default_rng(1).normal(size=(2, *GRID)).astype(np.float32)
