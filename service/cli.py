@@ -38,6 +38,8 @@ LAZY_COMMANDS: dict[str, LazyCommand] = {
                           "does a 2S-ICR refinement ensemble use its memory and its click? (first-click DSC per input)"),
     "bench": LazyCommand("service.bench.command",
                          "time the optimised paths against a naive baseline (engine, codec, HTTP in both modes)"),
+    "weights": LazyCommand("service.engine.weights_cli",
+                           "import MONAI/PyTorch member checkpoints, check an ensemble, export a MONAI Bundle"),
     "loadtest": LazyCommand("service.bench.loadtest",
                             "drive N sessions x M clicks against a running deployment; errors, latencies, lost clicks"),
 }

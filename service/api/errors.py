@@ -59,6 +59,10 @@ class NothingToUndo(ServiceError):
     """The session is at its initial segmentation."""
 
 
+class NoRefinementStage(ServiceError):
+    """The served weights have no refinement stage (an initial-only checkpoint): clicks cannot be applied."""
+
+
 class RequestInFlight(ServiceError):
     """A request with the same Idempotency-Key is still running."""
 

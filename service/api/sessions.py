@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -64,7 +65,8 @@ from service.store.contract import (
 log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"  # the owner id the limits use when auth is off
-ENGINE_CHECK_S = 2.0  # while waiting, how often the request checks that a worker is still alive
+ENGINE_CHECK_S = 2.0
+STAGES_CACHE_S = 5.0  # while waiting, how often the request checks that a worker is still alive
 
 
 def _iso(timestamp: float) -> str:
@@ -145,6 +147,8 @@ class Sessions:
         self.store = store
         self.queue = queue
         self.settings = settings
+        self._stages_read_at = -math.inf
+        self._refinement_served = True
 
     # -- reading ------------------------------------------------------------------
     def record(self, session_id: str, owner: str | None) -> SessionRecord:
@@ -347,6 +351,22 @@ class Sessions:
         i, j, k = (int(v) for v in voxel)
         return Click(label=click.label, voxel=(i, j, k))
 
+    def _check_refinement_served(self) -> None:
+        """Clicks need a refinement stage; workers that predate the ``stages`` key have one.
+        The live workers' stages are read at most every ``STAGES_CACHE_S`` (not a store read per click)."""
+        now = time.monotonic()
+        if now - self._stages_read_at > STAGES_CACHE_S:
+            workers = self.queue.live_workers()
+            self._refinement_served = not workers or any(
+                "refinement" in w.get("stages", ("refinement",)) for w in workers
+            )
+            self._stages_read_at = now
+        if not self._refinement_served:
+            raise errors.NoRefinementStage(
+                "the served weights have no refinement stage (an initial-only import): this deployment gives the "
+                "automatic mask but cannot refine it with clicks; import a refinement ensemble to enable clicks"
+            )
+
     def add_clicks(
         self,
         session_id: str,
@@ -357,6 +377,7 @@ class Sessions:
         request_id: str = "",
     ) -> SessionView:
         record = self.ready_record(session_id, owner)
+        self._check_refinement_served()
         claim = None
         if key is not None:
             claim = IdempotencyClaim(key, fingerprint("clicks", [c.model_dump(mode="json") for c in clicks]))

@@ -15,10 +15,13 @@
       "description": "free text: data, training command"
     }
 
-``method`` says which stages exist: ``2s-icr`` (initial + refinement, what the
-service serves), ``unet`` (initial only) and the DeepGrow/DeepEdit baselines
-``deepgrow``, ``deepedit-25``, ``deepedit-50`` (one ``interactive`` stage taking CT,
-PET and the two click maps).
+A member entry may carry provenance next to ``file`` and ``sha256``: ``icr weights
+import`` records ``source`` and ``source_sha256``, the file it came from.
+
+``method`` says which stages exist: ``2s-icr`` (initial + refinement) and ``unet``
+(initial only), which the service serves (a click on ``unet`` is answered 409), and
+the DeepGrow/DeepEdit baselines ``deepgrow``, ``deepedit-25``, ``deepedit-50`` (one
+``interactive`` stage taking CT, PET and the two click maps).
 
 Member files are ``torch.save(unet.state_dict())`` (any float dtype; loaded as
 float32), read with ``weights_only=True``, so a state_dict of the same MONAI UNet
@@ -30,7 +33,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,7 @@ from service.engine.networks import (
 FORMAT = "icr-checkpoint/1"
 MANIFEST = "manifest.json"
 STAGE_CHANNELS = {"initial": INITIAL_CHANNELS, "refinement": REFINEMENT_CHANNELS, "interactive": INTERACTIVE_CHANNELS}
+SERVED_METHODS = ("2s-icr", "unet")  # what an Engine serves: the initial stage, with or without refinement
 METHOD_STAGES = {
     "2s-icr": ("initial", "refinement"),
     "unet": ("initial",),
@@ -82,9 +87,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class MemberState:
+    """One member's state_dict as it is saved, and where it came from (recorded in the manifest)."""
+
+    state_dict: dict[str, torch.Tensor]
+    provenance: dict[str, str] = field(default_factory=dict)
+
+
 def write_checkpoint(
     directory: Path,
-    stages: dict[str, list[UNet]],
+    stages: Mapping[str, Sequence[UNet | MemberState]],
     *,
     method: str = "2s-icr",
     architecture: Architecture,
@@ -94,17 +107,23 @@ def write_checkpoint(
     description: str = "",
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Save ensembles in the service's checkpoint format; returns the manifest path."""
+    """Save ensembles in the service's checkpoint format; returns the manifest path.
+
+    A network member is saved as its state_dict in ``dtype``; a :class:`MemberState` is
+    saved as it is (its dtype kept) with its provenance in the manifest.
+    """
     if set(stages) != set(METHOD_STAGES[method]):
         raise ValueError(f"method {method} needs stages {METHOD_STAGES[method]}, got {sorted(stages)}")
     directory.mkdir(parents=True, exist_ok=True)
     manifest_stages: dict[str, Any] = {}
     for stage, members in stages.items():
         entries = []
-        for index, net in enumerate(members):
+        for index, net_or_state in enumerate(members):
+            member = net_or_state if isinstance(net_or_state, MemberState) else MemberState(
+                {k: v.detach().to("cpu", dtype) for k, v in net_or_state.state_dict().items()})
             path = directory / f"{stage}-{index}.pt"
-            torch.save({k: v.detach().to("cpu", dtype) for k, v in net.state_dict().items()}, path)
-            entries.append({"file": path.name, "sha256": sha256_file(path)})
+            torch.save(member.state_dict, path)
+            entries.append({"file": path.name, "sha256": sha256_file(path), **member.provenance})
         manifest_stages[stage] = {"in_channels": STAGE_CHANNELS[stage], "members": entries}
     manifest = {
         "format": FORMAT,
@@ -152,15 +171,16 @@ def _load_member(directory: Path, stage: str, entry: dict[str, Any], architectur
     return net.eval()
 
 
-def load_checkpoint(directory: Path | str, *, method: str | None = "2s-icr") -> LoadedCheckpoint:
-    """Load and verify a checkpoint; ``method`` is the one the caller needs (None: any)."""
+def load_checkpoint(directory: Path | str, *, method: str | tuple[str, ...] | None = "2s-icr") -> LoadedCheckpoint:
+    """Load and verify a checkpoint; ``method`` is the one (or ones) the caller needs (None: any)."""
     directory = Path(directory)
     manifest, digest = _read_manifest(directory)
     found = manifest.get("method", "2s-icr")
     if found not in METHOD_STAGES:
         raise CheckpointError(f"{directory / MANIFEST} names an unknown method {found!r}")
-    if method is not None and found != method:
-        raise CheckpointError(f"{directory} holds a {found} checkpoint; a {method} checkpoint is needed")
+    needed = (method,) if isinstance(method, str) else method
+    if needed is not None and found not in needed:
+        raise CheckpointError(f"{directory} holds a {found} checkpoint; a {' or '.join(needed)} checkpoint is needed")
     try:
         architecture = Architecture.from_dict(manifest["architecture"])
         shape = tuple(int(n) for n in manifest["grid"]["shape"])

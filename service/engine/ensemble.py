@@ -80,8 +80,12 @@ class Ensemble:
         return (total / len(self.members)).cpu().numpy()
 
 
+class NoRefinementStage(RuntimeError):
+    """The checkpoint has no refinement ensemble (an initial-only ``unet`` import): clicks cannot be served."""
+
+
 class Engine:
-    """Both stages of a checkpoint on one device.
+    """The stages of a checkpoint on one device: the initial ensemble, and the refinement one when present.
 
     ``refine_window`` (voxels per edge; None = exact full-volume refinement) turns on
     windowed refinement with ``refine_margin`` voxels discarded per side;
@@ -104,7 +108,8 @@ class Engine:
         self.device = device
         precision = autocast_dtype(autocast, device)
         self.initial = Ensemble(checkpoint.stages["initial"], device, precision)
-        self.refinement = Ensemble(checkpoint.stages["refinement"], device, precision)
+        refinement = checkpoint.stages.get("refinement")
+        self.refinement: Ensemble | None = None if refinement is None else Ensemble(refinement, device, precision)
         self.window_plan = (
             None
             if refine_window is None
@@ -116,9 +121,20 @@ class Engine:
         return self.checkpoint.grid_shape
 
     @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages served: ``("initial", "refinement")``, or ``("initial",)`` for an initial-only checkpoint."""
+        return ("initial",) if self.refinement is None else ("initial", "refinement")
+
+    def refinement_stage(self) -> Ensemble:
+        """The refinement ensemble; :class:`NoRefinementStage` on an initial-only checkpoint."""
+        if self.refinement is None:
+            raise NoRefinementStage(f"checkpoint {self.checkpoint.digest[:12]} has no refinement stage")
+        return self.refinement
+
+    @property
     def precision(self) -> str:
         """The dtype the networks compute in: float32 unless autocast is on."""
-        return precision_name(self.refinement.autocast)
+        return precision_name(self.initial.autocast)
 
     def initial_probability(self, images: np.ndarray) -> np.ndarray:
         return self.initial.probability(images)
@@ -131,15 +147,17 @@ class Engine:
         ``new_clicks``: how many trailing clicks ``previous`` does not reflect yet; the
         refinement window (when configured) is placed around those. None: all of them,
         which is always safe but widens the window as clicks accumulate.
+        Raises :class:`NoRefinementStage` on an initial-only checkpoint.
         """
+        refinement = self.refinement_stage()
         guidance = click_maps(clicks, previous.shape, self.checkpoint.click_sigma_voxels)
         window = self._window(clicks, new_clicks, previous.shape)
         if window is None:
-            return self.refinement.probability(np.concatenate([images, previous[None], guidance], axis=0))
+            return refinement.probability(np.concatenate([images, previous[None], guidance], axis=0))
         box = (slice(None), *window.inputs)
         inputs = np.concatenate([images[box], previous[None][box], guidance[box]], axis=0)
         result = np.array(previous, dtype=np.float32, copy=True)
-        result[window.kept] = self.refinement.probability(inputs)[window.kept_in_window]
+        result[window.kept] = refinement.probability(inputs)[window.kept_in_window]
         return result
 
     def _window(self, clicks: Sequence[Click], new_clicks: int | None, shape: Sequence[int]) -> Window | None:

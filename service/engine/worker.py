@@ -91,6 +91,7 @@ class Worker:
             "precision": self.engine.precision,
             "grid_shape": list(self.engine.grid_shape),
             "spacing_mm": self.engine.checkpoint.spacing_mm,
+            "stages": list(self.engine.stages),  # without "refinement", clicks are refused (409)
         }
 
     def run(self, stop: threading.Event, *, poll_s: float = 1.0) -> None:

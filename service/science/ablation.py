@@ -60,7 +60,7 @@ def ablate_case(engine: Engine, case: PreparedCase, rng: np.random.Generator,
     no_memory = np.full_like(previous, 0.5)
     for name, memory, guidance in (("memory+click", previous, with_click), ("memory", previous, without_click),
                                    ("click", no_memory, with_click), ("neither", no_memory, without_click)):
-        probability = engine.refinement.probability(np.concatenate([case.images, memory[None], guidance], axis=0))
+        probability = engine.refinement_stage().probability(np.concatenate([case.images, memory[None], guidance], axis=0))
         scores[name] = dice(probability > 0.5, case.truth)
     return scores
 
