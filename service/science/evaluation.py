@@ -39,6 +39,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,13 @@ class MethodPlan:
     prepare: Callable[[Case], PreparedCase]
 
 
+def _prepared(
+    case: Case, *, grid_shape: tuple[int, int, int], spacing_mm: float, cache: Path | None, suv: bool = False
+) -> PreparedCase:
+    prepared = load_prepared(case, grid_shape, spacing_mm, cache)
+    return with_suv(case, prepared) if suv else prepared
+
+
 def guarantee_labels(label: str, guarantee: str) -> list[tuple[str, bool]]:
     """(report label, guarantee on?) for a learned method under ``--guarantee off|on|both``."""
     if guarantee not in GUARANTEE_CHOICES:
@@ -297,7 +305,7 @@ def _plans(
                     "refine_margin": refine_margin if refine_window and windowed else None,
                     "guarantee_radius_voxels": radius,
                 },
-                prepare=lambda case, shape=shape, spacing=spacing: load_prepared(case, shape, spacing, cache),
+                prepare=partial(_prepared, grid_shape=shape, spacing_mm=spacing, cache=cache),
             ))
     shape, spacing = grid or BASELINE_GRID
     for baseline in baselines:
@@ -312,7 +320,7 @@ def _plans(
             identity=identity,
             segmenter=PetThreshold(spacing),
             provenance={**common, "label": baseline, "checkpoint_digest": "-", "grid": [list(shape), spacing]},
-            prepare=lambda case: with_suv(case, load_prepared(case, shape, spacing, cache)),
+            prepare=partial(_prepared, grid_shape=shape, spacing_mm=spacing, cache=cache, suv=True),
         ))
     return plans
 

@@ -203,7 +203,7 @@ def _threshold_key(metric: str, threshold: float) -> str:
     return f"dsc>={threshold:g}" if metric == "dsc" else f"hd95<={threshold:g}mm"
 
 
-def noc_table(result: MethodResult, max_clicks: int) -> dict[str, dict[str, float]]:
+def noc_table(result: MethodResult, max_clicks: int) -> dict[str, dict[str, Any]]:
     """Table 3 for one method: NoC and PoF per repetition, then mean ± sd over repetitions."""
     table = {}
     for metric, thresholds, higher_is_better in (
@@ -593,6 +593,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------- plot
 
 
+def _colours(names: Sequence[str]) -> dict[str, Any]:
+    """One colour per method: matplotlib's ten defaults, or tab20's twenty for more methods."""
+    tab20 = matplotlib.colormaps["tab20"]
+    palette = [f"C{index}" for index in range(10)] if len(names) <= 10 else [tab20(index) for index in range(20)]
+    return {name: palette[index % len(palette)] for index, name in enumerate(names)}
+
+
 def plot_curves(report: Mapping[str, Any], path: Path) -> None:
     """Fig. 1: mean DSC and HD95 over cases against clicks, '*' where the reference differs (BH p < alpha)."""
     reference = report["config"]["reference"]
@@ -602,8 +609,7 @@ def plot_curves(report: Mapping[str, Any], path: Path) -> None:
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 2)
     names = list(report["methods"])
-    palette = [f"C{index}" for index in range(10)] if len(names) <= 10 else list(matplotlib.colormaps["tab20"].colors)
-    colours = {name: palette[index % len(palette)] for index, name in enumerate(names)}
+    colours = _colours(names)
     others = [name for name in names if name != reference]
     for ax, metric, label in ((axes[0], "dsc", "DSC"), (axes[1], "hd95", "HD95 (mm)")):
         for name in names:
@@ -629,9 +635,9 @@ def plot_interaction(report: Mapping[str, Any], path: Path) -> None:
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 3)
     names = list(report["methods"])
-    palette = [f"C{index}" for index in range(10)] if len(names) <= 10 else list(matplotlib.colormaps["tab20"].colors)
-    for index, name in enumerate(names):
-        colour = palette[index % len(palette)]
+    colours = _colours(names)
+    for name in names:
+        colour = colours[name]
         honoured = report["summary"]["clicks_honoured"][name]
         for ax, label in ((axes[0], "foreground"), (axes[1], "background")):
             values = [math.nan if v is None else v for v in honoured[f"{label}_percent"][1:]]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from service.engine.checkpoints import write_checkpoint
+from service.engine.guarantee import honour_clicks, honour_radius_voxels
 from service.engine.networks import (
     INITIAL_CHANNELS,
     INTERACTIVE_CHANNELS,
@@ -21,7 +22,6 @@ from service.engine.networks import (
     Architecture,
     build_unet,
 )
-from service.engine.guarantee import honour_clicks, honour_radius_voxels
 from service.imaging.grid import WorkingGrid
 from service.science.dataset import PreparedCase
 from service.science.evaluation import (

@@ -12,7 +12,12 @@ from service.imaging.grid import WorkingGrid
 from service.science.dataset import PreparedCase, find_cases, load_prepared
 from service.science.evaluation import interaction_curve
 from service.science.metrics import dice
-from service.science.pet_threshold import SUV_CHANNEL, THRESHOLD_FRACTION, PetThreshold, with_suv
+from service.science.pet_threshold import (
+    SUV_CHANNEL,
+    THRESHOLD_FRACTION,
+    PetThreshold,
+    with_suv,
+)
 from service.science.phantoms import write_cases
 from service.store.contract import Click
 

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from service.science.report import honoured_table, local_effect_table, no_op_table
-from service.science.results import CaseResult, Curve, MethodResult, NoOpResult, cases_from_json, cases_json
+from service.science.results import (
+    CaseResult,
+    Curve,
+    MethodResult,
+    NoOpResult,
+    cases_from_json,
+    cases_json,
+)
 from service.store.contract import Click
 
 NAN = math.nan
