@@ -7,15 +7,9 @@ import math
 import numpy as np
 import pytest
 
+from service.science import results
 from service.science.report import honoured_table, local_effect_table, no_op_table
-from service.science.results import (
-    CaseResult,
-    Curve,
-    MethodResult,
-    NoOpResult,
-    cases_from_json,
-    cases_json,
-)
+from service.science.results import CaseResult, Curve, MethodResult, NoOpResult
 from service.store.contract import Click
 
 NAN = math.nan
@@ -71,7 +65,7 @@ def test_no_op_stability_over_the_cases_that_had_one(result: MethodResult) -> No
 
 
 def test_results_round_trip_through_json(result: MethodResult) -> None:
-    again = cases_from_json(cases_json(result))
+    again = results.cases_from_json(results.cases_json(result))
     assert [case.no_op for case in again.cases] == [case.no_op for case in result.cases]
     for mine, theirs in zip(again.curves(), result.curves()):
         assert mine.clicks == theirs.clicks
