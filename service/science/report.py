@@ -286,14 +286,18 @@ def no_op_table(result: MethodResult) -> dict[str, float]:
     no_ops = result.no_ops()
     if not no_ops:
         return {"cases": 0.0, "mean_abs_delta_dsc": math.nan, "max_abs_delta_dsc": math.nan,
-                "mean_abs_delta_voxels": math.nan, "mean_changed_voxels": math.nan}
-    delta_dsc = np.abs([no_op.delta_dsc for no_op in no_ops])
+                "mean_abs_delta_voxels": math.nan, "mean_changed_voxels": math.nan,
+                "mean_delta_dsc": math.nan, "mean_delta_voxels": math.nan}
+    delta_dsc = np.array([no_op.delta_dsc for no_op in no_ops])
+    delta_voxels = np.array([no_op.delta_voxels for no_op in no_ops], dtype=np.float64)
     return {
         "cases": float(len(no_ops)),
-        "mean_abs_delta_dsc": float(delta_dsc.mean()),
-        "max_abs_delta_dsc": float(delta_dsc.max()),
-        "mean_abs_delta_voxels": float(np.mean(np.abs([no_op.delta_voxels for no_op in no_ops]))),
+        "mean_abs_delta_dsc": float(np.abs(delta_dsc).mean()),
+        "max_abs_delta_dsc": float(np.abs(delta_dsc).max()),
+        "mean_abs_delta_voxels": float(np.abs(delta_voxels).mean()),
         "mean_changed_voxels": float(np.mean([no_op.changed_voxels for no_op in no_ops])),
+        "mean_delta_dsc": float(delta_dsc.mean()),  # signed: does the no-op click make the mask better or worse?
+        "mean_delta_voxels": float(delta_voxels.mean()),
     }
 
 
@@ -513,7 +517,8 @@ def _interaction_tables(report: Mapping[str, Any]) -> list[str]:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     no_op_rows = [[name, f"{int(t['cases'])}", number(t["mean_abs_delta_dsc"], 4), number(t["max_abs_delta_dsc"], 4),
-                   number(t["mean_abs_delta_voxels"], 1), number(t["mean_changed_voxels"], 1)]
+                   number(t["mean_delta_dsc"], 4), number(t["mean_abs_delta_voxels"], 1),
+                   number(t["mean_delta_voxels"], 1), number(t["mean_changed_voxels"], 1)]
                   for name, t in no_op.items()]
     return [
         "## Clicks honoured",
@@ -533,8 +538,8 @@ def _interaction_tables(report: Mapping[str, Any]) -> list[str]:
         "",
         f"{config['no_op_rule'][0].upper()}{config['no_op_rule'][1:]}; change of DSC and of mask voxels it causes.",
         "",
-        *_table(["Method", "Cases", "mean abs Δ DSC", "max abs Δ DSC", "mean abs Δ voxels", "mean changed voxels"],
-                no_op_rows),
+        *_table(["Method", "Cases", "mean abs Δ DSC", "max abs Δ DSC", "mean Δ DSC", "mean abs Δ voxels",
+                 "mean Δ voxels", "mean changed voxels"], no_op_rows),
         "",
         "![Clicks honoured and local effect against clicks](interaction.png)",
         "",

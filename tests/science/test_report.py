@@ -61,6 +61,7 @@ def test_no_op_stability_over_the_cases_that_had_one(result: MethodResult) -> No
     assert table["mean_abs_delta_dsc"] == pytest.approx(0.02)
     assert table["max_abs_delta_dsc"] == pytest.approx(0.03)
     assert table["mean_abs_delta_voxels"] == 7.0 and table["mean_changed_voxels"] == 8.0
+    assert table["mean_delta_dsc"] == pytest.approx(0.01) and table["mean_delta_voxels"] == -3.0
     assert no_op_table(MethodResult((result.cases[2],)))["cases"] == 0
 
 
