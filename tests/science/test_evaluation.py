@@ -459,6 +459,8 @@ def test_cli_rejects_unusable_input(evaluation_inputs: dict[str, Path], tmp_path
     assert _run([*common, "--weights", unet, "--cases", str(tmp_path / "ids.txt")]) == 2
     assert _run([*common, "--weights", f"unet={tmp_path / 'missing'}"]) == 2
     assert _run([*common, "--weights", unet, "--device", "cpu", "--autocast", "float16"]) == 2
+    assert _run([*common, "--baseline", "none"]) == 2  # nothing left to evaluate
+    assert _run([*common, "--weights", f"pet-threshold={evaluation_inputs['unet']}"]) == 2  # a label taken twice
     with pytest.raises(SystemExit):
         _parser().parse_args([*common, "--weights", "no-equals-sign"])
     assert not (tmp_path / "out").exists()
