@@ -52,8 +52,8 @@ def ablate_case(engine: Engine, case: PreparedCase, rng: np.random.Generator,
     previous = engine.initial_probability(case.images)
     mask = previous > 0.5
     scores = {"initial": dice(mask, case.truth)}
-    simulated = next_click(mask, case.truth, rng, rule)
-    clicks = () if simulated is None else (Click(label=simulated.label, voxel=simulated.voxel),)
+    click = next_click(mask, case.truth, rng, rule)
+    clicks: tuple[Click, ...] = () if click is None else (click,)
     sigma = engine.checkpoint.click_sigma_voxels
     with_click = click_maps(clicks, previous.shape, sigma)
     without_click = click_maps((), previous.shape, sigma)

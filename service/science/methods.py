@@ -5,27 +5,31 @@
 - ``unet``: the initial ensemble alone; clicks change nothing.
 - ``deepgrow`` / ``deepedit-25`` / ``deepedit-50``: one interactive ensemble on CT,
   PET and the click maps of all clicks so far (no memory); 0 clicks = empty maps.
+- ``pet-threshold``: the classical 40 % of SUVmax baseline, no weights
+  (:mod:`service.science.pet_threshold`).
+
+:class:`Guaranteed` puts any of them behind the service's click guarantee
+(:func:`service.engine.guarantee.honour_clicks` on every pass's probability, before it
+is thresholded and becomes the next pass's memory).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from service.engine.checkpoints import LoadedCheckpoint, load_checkpoint
+from service.engine.checkpoints import LoadedCheckpoint
 from service.engine.clicks import click_maps
 from service.engine.ensemble import Engine, Ensemble
 from service.engine.fastpath import autocast_dtype
+from service.engine.guarantee import honour_clicks
 from service.store.contract import Click
 
 
 class Segmenter(Protocol):
-    checkpoint: LoadedCheckpoint
-
     def initial_probability(self, images: np.ndarray) -> np.ndarray: ...
 
     def refine(
@@ -68,18 +72,34 @@ class ClickGuided:
         return self._run(images, clicks)
 
 
-def load_segmenter(
-    directory: Path | str,
+def segmenter_for(
+    checkpoint: LoadedCheckpoint,
     device: torch.device,
     *,
     refine_window: int | None = None,
     refine_margin: int = 16,
     autocast: str | None = None,
 ) -> Segmenter:
-    """The method a checkpoint holds; the refinement window applies to 2S-ICR only, ``autocast`` to all."""
-    checkpoint = load_checkpoint(directory, method=None)
+    """The segmenter of a loaded checkpoint's method."""
     if checkpoint.method == "2s-icr":
         return Engine(checkpoint, device, refine_window=refine_window, refine_margin=refine_margin, autocast=autocast)
     if checkpoint.method == "unet":
         return NonInteractive(checkpoint, device, autocast)
     return ClickGuided(checkpoint, device, autocast)
+
+
+class Guaranteed:
+    """A segmenter whose every refined probability has each click's ball set to its label."""
+
+    def __init__(self, segmenter: Segmenter, radius_voxels: float) -> None:
+        self.segmenter = segmenter
+        self.radius_voxels = radius_voxels
+
+    def initial_probability(self, images: np.ndarray) -> np.ndarray:
+        return self.segmenter.initial_probability(images)
+
+    def refine(
+        self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None
+    ) -> np.ndarray:
+        probability = self.segmenter.refine(images, previous, clicks, new_clicks=new_clicks)
+        return honour_clicks(probability, clicks, self.radius_voxels)

@@ -5,6 +5,10 @@ HD95 follows MONAI's ``compute_hausdorff_distance(percentile=95, directed=False)
 larger of the two directed 95th percentiles). The paper's Eq. 10-11 pools both
 directed distance sets before taking one percentile; the reported numbers come from
 MONAI, so MONAI's definition is the one implemented here.
+
+Interaction measures (the paper has none; see :mod:`service.science.report`):
+:func:`clicks_honoured` says which clicks have their label in a mask, :func:`local_dice`
+is the DSC inside a ball around a click.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage, stats
+
+from service.store.contract import Click
 
 PAPER_DSC_THRESHOLDS = (0.75, 0.85)
 PAPER_HD95_THRESHOLDS_MM = (5.0, 2.5)
@@ -39,6 +45,28 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     if total == 0:
         return 1.0
     return 2.0 * int(np.logical_and(predicted, actual).sum()) / total
+
+
+def clicks_honoured(mask: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
+    """Per click, in order: does the mask give its voxel the click's label?"""
+    predicted = _as_mask(mask)
+    return np.array([bool(predicted[click.voxel]) == (click.label == "foreground") for click in clicks], dtype=bool)
+
+
+def ball(shape: Sequence[int], centre: Sequence[int], radius_voxels: float) -> tuple[tuple[slice, ...], np.ndarray]:
+    """The ball of ``radius_voxels`` around ``centre``, clipped to the volume: (bounding box, mask inside the box)."""
+    reach = int(np.floor(radius_voxels))
+    box = tuple(slice(max(int(c) - reach, 0), min(int(c) + reach + 1, int(n))) for c, n in zip(centre, shape))
+    axes = np.ogrid[box]
+    squared = sum((axis - int(c)) ** 2 for axis, c in zip(axes, centre))
+    return box, np.asarray(squared <= radius_voxels**2)
+
+
+def local_dice(pred: np.ndarray, truth: np.ndarray, centre: Sequence[int], radius_voxels: float) -> float:
+    """DSC of the two masks restricted to the ball around ``centre`` (both empty there: 1.0, as :func:`dice`)."""
+    predicted, actual = _paired_masks(pred, truth)
+    box, inside = ball(predicted.shape, centre, radius_voxels)
+    return dice(predicted[box] & inside, actual[box] & inside)
 
 
 def _surfaces_in_union_box(predicted: np.ndarray, actual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

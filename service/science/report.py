@@ -1,8 +1,9 @@
-"""The evaluation report: the paper's Tables 1-3, changed voxels, significance and Fig. 1.
+"""The evaluation report: the paper's Tables 1-3, changed voxels, significance and Fig. 1,
+and the interaction measures.
 
 Writes ``report.json`` (configuration, every curve, every summary and test),
 ``report.md`` (tables shaped like the paper's) and ``curves.png`` (DSC and HD95 against
-clicks, as Fig. 1).
+clicks, as Fig. 1), and ``interaction.png`` (clicks honoured and local effect against clicks).
 
 Aggregation, following the paper:
 
@@ -22,6 +23,17 @@ Aggregation, following the paper:
   method on per-case values, Benjamini-Hochberg adjusted over all methods x columns of a
   table (over all methods x click counts for the curves' markers); p_adj < 0.05 counts.
 
+- Clicks honoured at k clicks: of all clicks among the first k of every session (cases x
+  repetitions), the share whose voxel has the click's label in the mask after click k,
+  for foreground and background clicks separately (pooled, so each click counts once
+  per step; a session that stopped early keeps its final mask).
+- Local effect of click k: DSC inside a ball of ``LOCAL_EFFECT_RADIUS_MM`` around click k
+  in the mask before and after it, mean over the sessions that made a k-th click; "all
+  clicks" pools every click made.
+- No-op stability: one no-op click per case after the initial mask (see
+  :func:`service.science.simulator.no_op_click`); mean and max of |delta DSC| and mean
+  |delta mask voxels| over the cases where a voxel qualified.
+
 Standard deviations are population sds (ddof = 0), as ``noc_summary`` uses.
 """
 
@@ -32,13 +44,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from service.engine.guarantee import HONOUR_RADIUS_MM, MIN_RADIUS_VOXELS
 from service.science.metrics import (
     PAPER_DSC_THRESHOLDS,
     PAPER_HD95_THRESHOLDS_MM,
@@ -46,10 +59,8 @@ from service.science.metrics import (
     noc_summary,
     wilcoxon_bh,
 )
-from service.science.simulator import ClickRule
-
-if TYPE_CHECKING:
-    from service.science.evaluation import MethodResult
+from service.science.results import LOCAL_EFFECT_RADIUS_MM, MethodResult, cases_json
+from service.science.simulator import BODY_MIN_HU, NO_OP_MIN_DISTANCE_MM, ClickRule
 
 REPORT_FORMAT = "icr-evaluation/1"
 DEFAULT_REFERENCE = "2s-icr"
@@ -75,6 +86,7 @@ class EvaluationConfig:
     reference: str
     precision: str = "float32"
     refine_window: int | None = None
+    guarantee: str = "off"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +105,14 @@ class EvaluationConfig:
             "hd95_of_empty_mask": "working grid diagonal in mm",
             "dsc_thresholds": list(PAPER_DSC_THRESHOLDS),
             "hd95_thresholds_mm": list(PAPER_HD95_THRESHOLDS_MM),
+            "guarantee": self.guarantee,
+            "guarantee_rule": (f"service click guarantee: probability set to each click's label in a ball of "
+                               f"{HONOUR_RADIUS_MM:g} mm (at least {MIN_RADIUS_VOXELS:g} voxels) around it, "
+                               "after every pass, before thresholding and before it becomes the next memory"),
+            "local_effect_radius_mm": LOCAL_EFFECT_RADIUS_MM,
+            "no_op_rule": (f"one background click per case after the initial mask: of the voxels above "
+                           f"{BODY_MIN_HU:g} HU at least {NO_OP_MIN_DISTANCE_MM:g} mm from the mask and the truth, "
+                           "the nearest to them"),
         }
 
 
@@ -183,7 +203,7 @@ def _threshold_key(metric: str, threshold: float) -> str:
     return f"dsc>={threshold:g}" if metric == "dsc" else f"hd95<={threshold:g}mm"
 
 
-def noc_table(result: MethodResult, max_clicks: int) -> dict[str, dict[str, float]]:
+def noc_table(result: MethodResult, max_clicks: int) -> dict[str, dict[str, Any]]:
     """Table 3 for one method: NoC and PoF per repetition, then mean ± sd over repetitions."""
     table = {}
     for metric, thresholds, higher_is_better in (
@@ -221,6 +241,64 @@ def changed_voxel_summary(result: MethodResult) -> dict[str, float]:
     if counts.size == 0:
         return {"mean": math.nan, "sd": math.nan, "interactions": 0.0}
     return {"mean": float(counts.mean()), "sd": float(counts.std()), "interactions": float(counts.size)}
+
+
+def _share(honoured: int, total: int) -> float:
+    return 100.0 * honoured / total if total else math.nan
+
+
+def honoured_table(result: MethodResult) -> dict[str, list[float]]:
+    """Per click count k: clicks so far and the percentage of them honoured, pooled over sessions."""
+    curves = result.curves()
+    table: dict[str, list[float]] = {}
+    for label in ("foreground", "background"):
+        made = np.sum([curve.clicks_so_far(label) for curve in curves], axis=0)
+        kept = np.sum([getattr(curve, f"{label}_honoured") for curve in curves], axis=0)
+        table[f"{label}_clicks"] = made.tolist()
+        table[f"{label}_percent"] = [_share(int(h), int(n)) for h, n in zip(kept, made)]
+    made = np.add(table["foreground_clicks"], table["background_clicks"])
+    kept = np.sum([curve.foreground_honoured + curve.background_honoured for curve in curves], axis=0)
+    table["all_percent"] = [_share(int(h), int(n)) for h, n in zip(kept, made)]
+    return table
+
+
+def _local_summary(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
+    made = ~np.isnan(before)
+    if not made.any():
+        return {"clicks": 0.0, "before": math.nan, "after": math.nan, "gain": math.nan, "worse_percent": math.nan}
+    gain = after[made] - before[made]
+    return {"clicks": float(made.sum()), "before": float(before[made].mean()), "after": float(after[made].mean()),
+            "gain": float(gain.mean()), "worse_percent": float(100.0 * np.mean(gain < 0))}
+
+
+def local_effect_table(result: MethodResult) -> dict[str, Any]:
+    """Local DSC before and after click k (k = 1..max_clicks), and over all clicks made."""
+    before = np.array([curve.local_dice_before for curve in result.curves()])
+    after = np.array([curve.local_dice_after for curve in result.curves()])
+    return {
+        "per_click": [_local_summary(before[:, k], after[:, k]) for k in range(1, before.shape[1])],
+        "all_clicks": _local_summary(before[:, 1:].ravel(), after[:, 1:].ravel()),
+    }
+
+
+def no_op_table(result: MethodResult) -> dict[str, float]:
+    """|delta DSC| and |delta voxels| of the no-op click, over the cases where one was placed."""
+    no_ops = result.no_ops()
+    if not no_ops:
+        return {"cases": 0.0, "mean_abs_delta_dsc": math.nan, "max_abs_delta_dsc": math.nan,
+                "mean_abs_delta_voxels": math.nan, "mean_changed_voxels": math.nan,
+                "mean_delta_dsc": math.nan, "mean_delta_voxels": math.nan}
+    delta_dsc = np.array([no_op.delta_dsc for no_op in no_ops])
+    delta_voxels = np.array([no_op.delta_voxels for no_op in no_ops], dtype=np.float64)
+    return {
+        "cases": float(len(no_ops)),
+        "mean_abs_delta_dsc": float(np.abs(delta_dsc).mean()),
+        "max_abs_delta_dsc": float(np.abs(delta_dsc).max()),
+        "mean_abs_delta_voxels": float(np.abs(delta_voxels).mean()),
+        "mean_changed_voxels": float(np.mean([no_op.changed_voxels for no_op in no_ops])),
+        "mean_delta_dsc": float(delta_dsc.mean()),  # signed: does the no-op click make the mask better or worse?
+        "mean_delta_voxels": float(delta_voxels.mean()),
+    }
 
 
 # -------------------------------------------------------------------- significance
@@ -273,27 +351,6 @@ def _by_case(result: MethodResult, metric: str) -> np.ndarray:
 # ---------------------------------------------------------------------------- JSON
 
 
-def _curve_json(curve: Any) -> dict[str, Any]:
-    return {
-        "dsc": curve.dsc.tolist(),
-        "hd95": curve.hd95.tolist(),
-        "changed_voxels": curve.changed_voxels.tolist(),
-        "clicks": [click.to_dict() for click in curve.clicks],
-    }
-
-
-def cases_json(result: MethodResult) -> list[dict[str, Any]]:
-    return [
-        {
-            "case_id": case.case_id,
-            "dsc": case.dsc.tolist(),
-            "hd95": case.hd95.tolist(),
-            "repetitions": [_curve_json(curve) for curve in case.repetitions],
-        }
-        for case in result.cases
-    ]
-
-
 def _json_safe(value: Any) -> Any:
     """Plain JSON: numpy scalars to Python, non-finite floats to null."""
     if isinstance(value, dict):
@@ -325,6 +382,9 @@ def build_report(
             "hd95": hd95_table(results, columns),
             "noc": {name: noc_table(result, config.max_clicks) for name, result in results.items()},
             "changed_voxels": {name: changed_voxel_summary(result) for name, result in results.items()},
+            "clicks_honoured": {name: honoured_table(result) for name, result in results.items()},
+            "local_effect": {name: local_effect_table(result) for name, result in results.items()},
+            "no_op": {name: no_op_table(result) for name, result in results.items()},
         },
         "significance": {
             "reference": config.reference,
@@ -423,6 +483,69 @@ def _changed_voxels_table(report: Mapping[str, Any]) -> list[str]:
     return ["## Changed voxels per interaction", "", *_table(["Method", "Mean ± sd", "Clicks made"], rows), ""]
 
 
+def _percent(value: float | None, clicks: int) -> str:
+    return "n/a" if value is None else f"{value:.1f} % of {clicks}"
+
+
+def _interaction_tables(report: Mapping[str, Any]) -> list[str]:
+    config = report["config"]
+    steps = [k for k in SUMMARY_CLICKS if 0 < k <= config["max_clicks"]]
+    honoured = report["summary"]["clicks_honoured"]
+    header = ["Method", *(f"fg {k}" for k in steps), *(f"bg {k}" for k in steps)]
+    rows = [[name, *(_percent(t[f"{label}_percent"][k], t[f"{label}_clicks"][k])
+                     for label in ("foreground", "background") for k in steps)]
+            for name, t in honoured.items()]
+    local = report["summary"]["local_effect"]
+    local_header = ["Method", "Clicks made", "Local DSC before", "after", "gain", "Clicks that lowered it",
+                    *(f"gain at click {k}" for k in steps)]
+
+    def gain(entry: Mapping[str, Any]) -> str:
+        return "n/a" if entry["gain"] is None else f"{entry['gain']:+.3f}"
+
+    local_rows = []
+    for name, t in local.items():
+        every = t["all_clicks"]
+        local_rows.append([
+            name, f"{int(every['clicks'])}",
+            *("n/a" if every[key] is None else f"{every[key]:.3f}" for key in ("before", "after")), gain(every),
+            "n/a" if every["worse_percent"] is None else f"{every['worse_percent']:.1f} %",
+            *(gain(t["per_click"][k - 1]) for k in steps),
+        ])
+    no_op = report["summary"]["no_op"]
+
+    def number(value: float | None, digits: int) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    no_op_rows = [[name, f"{int(t['cases'])}", number(t["mean_abs_delta_dsc"], 4), number(t["max_abs_delta_dsc"], 4),
+                   number(t["mean_delta_dsc"], 4), number(t["mean_abs_delta_voxels"], 1),
+                   number(t["mean_delta_voxels"], 1), number(t["mean_changed_voxels"], 1)]
+                  for name, t in no_op.items()]
+    return [
+        "## Clicks honoured",
+        "",
+        ("Share of the foreground (fg) / background (bg) clicks so far whose voxel has the click's label in the "
+         "mask after k clicks, pooled over cases and repetitions."),
+        "",
+        *_table(header, rows),
+        "",
+        f"## Local effect: DSC inside {config['local_effect_radius_mm']:g} mm of the new click",
+        "",
+        "Mean over clicks made of the local DSC in the mask before and after the click.",
+        "",
+        *_table(local_header, local_rows),
+        "",
+        "## No-op stability",
+        "",
+        f"{config['no_op_rule'][0].upper()}{config['no_op_rule'][1:]}; change of DSC and of mask voxels it causes.",
+        "",
+        *_table(["Method", "Cases", "mean abs Δ DSC", "max abs Δ DSC", "mean Δ DSC", "mean abs Δ voxels",
+                 "mean Δ voxels", "mean changed voxels"], no_op_rows),
+        "",
+        "![Clicks honoured and local effect against clicks](interaction.png)",
+        "",
+    ]
+
+
 def _significance_tables(report: Mapping[str, Any]) -> list[str]:
     significance = report["significance"]
     reference = significance["reference"]
@@ -456,6 +579,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
          f"({config.get('precision', 'float32')}"
          + (f", 2S-ICR refinement window {config['refine_window']}" if config.get("refine_window") else "")
          + ")."),
+        f"- Click guarantee: `{config['guarantee']}` (`+guarantee` labels: {config['guarantee_rule']}).",
         "- Per-case values are averaged over repetitions; HD95 of an empty mask is recorded as the grid diagonal.",
         f"- Reference for significance tests: `{config['reference']}`.",
         "",
@@ -463,6 +587,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         *_metric_tables(report),
         *_noc_table(report),
         *_changed_voxels_table(report),
+        *_interaction_tables(report),
         *_significance_tables(report),
         "![DSC and HD95 against clicks](curves.png)",
         "",
@@ -471,6 +596,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- plot
+
+
+def _colours(names: Sequence[str]) -> dict[str, Any]:
+    """One colour per method: matplotlib's ten defaults, or tab20's twenty for more methods."""
+    tab20 = matplotlib.colormaps["tab20"]
+    palette = [f"C{index}" for index in range(10)] if len(names) <= 10 else [tab20(index) for index in range(20)]
+    return {name: palette[index % len(palette)] for index, name in enumerate(names)}
 
 
 def plot_curves(report: Mapping[str, Any], path: Path) -> None:
@@ -482,8 +614,7 @@ def plot_curves(report: Mapping[str, Any], path: Path) -> None:
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 2)
     names = list(report["methods"])
-    palette = [f"C{index}" for index in range(10)] if len(names) <= 10 else list(matplotlib.colormaps["tab20"].colors)
-    colours = {name: palette[index % len(palette)] for index, name in enumerate(names)}
+    colours = _colours(names)
     others = [name for name in names if name != reference]
     for ax, metric, label in ((axes[0], "dsc", "DSC"), (axes[1], "hd95", "HD95 (mm)")):
         for name in names:
@@ -497,6 +628,36 @@ def plot_curves(report: Mapping[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right", fontsize="small")
     figure.suptitle(f"Mean over cases; * {reference} vs method, Wilcoxon + BH p < {ALPHA:g}", fontsize="medium")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def plot_interaction(report: Mapping[str, Any], path: Path) -> None:
+    """Clicks honoured (foreground, background) and the local DSC gain of each click, against clicks."""
+    max_clicks = report["config"]["max_clicks"]
+    clicks = np.arange(1, max_clicks + 1)
+    figure = Figure(figsize=(14, 4.2))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 3)
+    names = list(report["methods"])
+    colours = _colours(names)
+    for name in names:
+        colour = colours[name]
+        honoured = report["summary"]["clicks_honoured"][name]
+        for ax, label in ((axes[0], "foreground"), (axes[1], "background")):
+            values = [math.nan if v is None else v for v in honoured[f"{label}_percent"][1:]]
+            ax.plot(clicks, values, marker="o", markersize=3, color=colour, label=name)
+        gains = [math.nan if e["gain"] is None else e["gain"] for e in report["summary"]["local_effect"][name]["per_click"]]
+        axes[2].plot(clicks, gains, marker="o", markersize=3, color=colour, label=name)
+    for ax, title in zip(axes, ("foreground clicks honoured (%)", "background clicks honoured (%)",
+                                f"local DSC gain ({report['config']['local_effect_radius_mm']:g} mm ball)")):
+        ax.set_xlabel("clicks")
+        ax.set_title(title, fontsize="medium")
+        ax.set_xticks(clicks if max_clicks <= 20 else clicks[:: max(1, max_clicks // 10)])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-2, 102)
+    axes[1].set_ylim(-2, 102)
+    axes[2].legend(loc="best", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -524,6 +685,7 @@ class ReportFiles:
     json: Path
     markdown: Path
     curves: Path
+    interaction: Path
 
 
 def write_report(
@@ -532,12 +694,13 @@ def write_report(
     identities: Mapping[str, MethodIdentity],
     results: Mapping[str, MethodResult],
 ) -> ReportFiles:
-    """Write report.json, report.md and curves.png into ``out_dir``."""
+    """Write report.json, report.md, curves.png and interaction.png into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = build_report(config, identities, results)
-    files = ReportFiles(out / "report.json", out / "report.md", out / "curves.png")
+    files = ReportFiles(out / "report.json", out / "report.md", out / "curves.png", out / "interaction.png")
     files.json.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     files.markdown.write_text(render_markdown(report))
     plot_curves(report, files.curves)
+    plot_interaction(report, files.interaction)
     return files

@@ -15,19 +15,28 @@ inside it. This follows MONAI's ``FindDiscrepancyRegionsd`` + ``AddRandomGuidanc
 Two weightings are offered. ``DEEPGROW`` is MONAI's code: ``p ~ exp(d) - 1``.
 ``LINEAR`` is the 2S-ICR paper's wording (Methods, "Simulated interactions"):
 distances normalised by their sum and used directly as multinomial probabilities.
+
+Clicks are the service's own :class:`service.store.contract.Click`.
+
+:func:`no_op_click` places the evaluation's *no-op* click: a background click that
+agrees with the current mask and with the truth, inside the body and far from both
+(see its docstring for the rule).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 
-ClickLabel = Literal["foreground", "background"]
+from service.imaging.grid import CT_WINDOW_HU
+from service.store.contract import Click
+
 Voxel = tuple[int, int, int]
+
+NO_OP_MIN_DISTANCE_MM = 30.0
+BODY_MIN_HU = -180.0  # tissue (fat and denser), not air: the no-op click lands inside the body
 
 
 class ClickRule(str, Enum):
@@ -35,14 +44,6 @@ class ClickRule(str, Enum):
 
     DEEPGROW = "deepgrow"
     LINEAR = "linear"
-
-
-@dataclass(frozen=True)
-class SimulatedClick:
-    """One corrective click: its kind and its voxel index in the volume it was simulated on."""
-
-    label: ClickLabel
-    voxel: Voxel
 
 
 def _as_mask(volume: np.ndarray) -> np.ndarray:
@@ -95,7 +96,7 @@ def next_click(
     truth: np.ndarray,
     rng: np.random.Generator,
     rule: ClickRule = ClickRule.DEEPGROW,
-) -> SimulatedClick | None:
+) -> Click | None:
     """The simulated user's next click correcting ``prediction`` towards ``truth``; None if they agree."""
     predicted, actual = _as_mask(prediction), _as_mask(truth)
     if predicted.shape != actual.shape:
@@ -106,5 +107,40 @@ def next_click(
     if n_missed == 0 and n_spurious == 0:
         return None
     if n_missed >= n_spurious:
-        return SimulatedClick("foreground", _sample_in_error(missed, rng, ClickRule(rule)))
-    return SimulatedClick("background", _sample_in_error(spurious, rng, ClickRule(rule)))
+        return Click("foreground", _sample_in_error(missed, rng, ClickRule(rule)))
+    return Click("background", _sample_in_error(spurious, rng, ClickRule(rule)))
+
+
+def body_mask(ct_channel: np.ndarray) -> np.ndarray:
+    """Voxels of the normalised CT channel (see :func:`service.imaging.grid.normalise_ct`) above ``BODY_MIN_HU``."""
+    low, high = CT_WINDOW_HU
+    return np.asarray(ct_channel) > (BODY_MIN_HU - low) * (2.0 / (high - low)) - 1.0
+
+
+def no_op_click(
+    mask: np.ndarray,
+    truth: np.ndarray,
+    body: np.ndarray,
+    spacing_mm: float,
+    min_distance_mm: float = NO_OP_MIN_DISTANCE_MM,
+) -> Click | None:
+    """A background click that should change nothing: None when no voxel qualifies.
+
+    The rule: among the voxels inside ``body`` whose Euclidean distance to every voxel
+    of the mask and of the truth is at least ``min_distance_mm``, the one nearest to
+    them (the most demanding place the rule allows; ties go to the first voxel in C
+    order). The click agrees with the mask (background there) and with the truth, so a
+    segmenter that keeps what is right should leave the mask as it is.
+    """
+    occupied = _as_mask(mask) | _as_mask(truth)
+    if occupied.any():
+        distance = ndimage.distance_transform_edt(~occupied, sampling=spacing_mm)
+    else:
+        distance = np.full(occupied.shape, np.inf)
+    allowed = np.asarray(body, dtype=bool) & (distance >= min_distance_mm)
+    if not allowed.any():
+        return None
+    candidates = np.flatnonzero(allowed)
+    index = int(candidates[np.argmin(distance.ravel()[candidates])])  # argmin: the first of equals
+    voxel = np.unravel_index(index, occupied.shape)
+    return Click("background", (int(voxel[0]), int(voxel[1]), int(voxel[2])))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from service.engine.checkpoints import write_checkpoint
+from service.engine.guarantee import honour_clicks, honour_radius_voxels
 from service.engine.networks import (
     INITIAL_CHANNELS,
     INTERACTIVE_CHANNELS,
@@ -24,16 +25,16 @@ from service.engine.networks import (
 from service.imaging.grid import WorkingGrid
 from service.science.dataset import PreparedCase
 from service.science.evaluation import (
-    CaseResult,
-    Curve,
-    MethodResult,
     evaluate,
     evaluate_method,
+    guarantee_labels,
     interaction_curve,
+    no_op_result,
     register,
     repetition_rng,
     worst_hd95_mm,
 )
+from service.science.methods import Guaranteed
 from service.science.phantoms import write_cases
 from service.science.report import (
     changed_voxel_summary,
@@ -44,6 +45,7 @@ from service.science.report import (
     noc_table,
     summary_columns,
 )
+from service.science.results import CaseResult, Curve, MethodResult
 from service.science.simulator import ClickRule
 from service.store.contract import Click
 
@@ -192,13 +194,97 @@ def test_evaluate_method_seeds_each_repetition_and_averages(truth: np.ndarray, s
     assert result.dsc_by_case().shape == result.hd95_by_case().shape == (2, 4)
 
 
+class Ignoring:
+    """A segmenter that keeps its previous output whatever the clicks say."""
+
+    def __init__(self, initial: np.ndarray) -> None:
+        self.initial = initial.astype(np.float32)
+
+    def initial_probability(self, images: np.ndarray) -> np.ndarray:
+        return self.initial.copy()
+
+    def refine(
+        self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None
+    ) -> np.ndarray:
+        return previous
+
+
+class Blotting(Ignoring):
+    """A segmenter that marks a radius-1 ball of foreground at every new click, whatever its label."""
+
+    def refine(
+        self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None
+    ) -> np.ndarray:
+        probability = previous.copy()
+        probability[_ball(clicks[-1].voxel, 1, previous.shape)] = 1.0
+        return probability
+
+
+def test_curve_counts_honoured_clicks_and_local_dice_of_one_perfect_click() -> None:
+    small = _ball((10, 10, 10), 2)
+    curve = interaction_curve(TruthPainter(np.zeros(SHAPE), radius=8), _case(small), np.random.default_rng(0), 4)
+    assert curve.foreground_honoured.tolist() == [0, 1, 1, 1, 1]
+    assert curve.background_honoured.tolist() == [0] * 5
+    assert curve.clicks_so_far("foreground").tolist() == [0, 1, 1, 1, 1]
+    # 15 mm on 2 mm voxels: the whole small tumour is inside the ball; empty before, perfect after
+    assert curve.local_dice_before[1] == 0.0 and curve.local_dice_after[1] == 1.0
+    assert np.isnan(curve.local_dice_before[[0, 2, 3, 4]]).all() and np.isnan(curve.local_dice_after[[0, 2, 3, 4]]).all()
+
+
+def test_curve_of_a_segmenter_that_ignores_clicks(truth: np.ndarray) -> None:
+    curve = interaction_curve(Ignoring(np.zeros(SHAPE)), _case(truth), np.random.default_rng(0), 3)
+    assert [click.label for click in curve.clicks] == ["foreground"] * 3  # the mask stays empty
+    assert curve.foreground_honoured.tolist() == [0, 0, 0, 0]
+    assert curve.clicks_so_far("foreground").tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(curve.local_dice_before[1:], [0.0] * 3)
+    np.testing.assert_array_equal(curve.local_dice_after[1:], [0.0] * 3)
+
+
+def test_the_guarantee_honours_every_click_and_feeds_the_memory(truth: np.ndarray, shifted: np.ndarray) -> None:
+    alone = interaction_curve(Ignoring(shifted), _case(truth), np.random.default_rng(2), 6)
+    assert alone.foreground_honoured[-1] + alone.background_honoured[-1] < len(alone.clicks)
+    painter = TruthPainter(shifted, radius=0)  # records what it is given
+    guaranteed = Guaranteed(painter, honour_radius_voxels(GRID.spacing_mm))
+    curve = interaction_curve(guaranteed, _case(truth), np.random.default_rng(2), 6)
+    for k in range(1, len(curve.clicks) + 1):
+        assert curve.foreground_honoured[k] == curve.clicks_so_far("foreground")[k]
+        assert curve.background_honoured[k] == curve.clicks_so_far("background")[k]
+    for (_, clicks, output), (previous, _, _) in zip(painter.calls, painter.calls[1:]):
+        np.testing.assert_array_equal(previous, honour_clicks(output, clicks, honour_radius_voxels(2.0)))
+
+
+def test_no_op_result_by_hand() -> None:
+    corner = _ball((3, 3, 3), 1)  # 7 voxels; the far corner is ~27 voxels (54 mm) away
+    case = _case(corner)
+    still = no_op_result(Ignoring(corner), case, corner.astype(np.float32))
+    assert still is not None and still.click.label == "background"
+    assert not corner[still.click.voxel]
+    assert (still.delta_dsc, still.delta_voxels, still.changed_voxels) == (0.0, 0, 0)
+    blotted = no_op_result(Blotting(corner), case, corner.astype(np.float32))
+    assert blotted is not None and blotted.click == still.click
+    assert (blotted.dsc_before, blotted.voxels_before, blotted.voxels_after) == (1.0, 7, 14)
+    assert blotted.dsc_after == pytest.approx(2 * 7 / (7 + 14)) and blotted.changed_voxels == 7
+    guaranteed = no_op_result(Guaranteed(Blotting(corner), 1.75), case, corner.astype(np.float32))
+    assert guaranteed is not None and guaranteed.delta_voxels == 0  # the background click's ball wins
+    assert no_op_result(Ignoring(truth := _ball((10, 10, 10), 9)), _case(truth), truth.astype(np.float32)) is None
+
+
+def test_guarantee_labels() -> None:
+    assert guarantee_labels("demo", "both") == [("demo", False), ("demo+guarantee", True)]
+    assert guarantee_labels("demo", "on") == [("demo+guarantee", True)]
+    assert guarantee_labels("demo", "off") == [("demo", False)]
+
+
 def _made_up_result(dsc_by_repetition: Sequence[Sequence[float]], cases: int = 8) -> MethodResult:
     """Cases whose DSC curves are given per repetition (+ a small per-case offset) and HD95 = case index."""
     click = Click("foreground", (0, 0, 0))
     return MethodResult(tuple(
         CaseResult(f"case{i}", tuple(
             Curve(np.asarray(dsc) + 0.001 * i, np.full(len(dsc), float(i)), np.r_[0, np.full(len(dsc) - 1, 10 + i)],
-                  (click,) * (len(dsc) - 1))
+                  (click,) * (len(dsc) - 1), foreground_honoured=np.arange(len(dsc)),
+                  background_honoured=np.zeros(len(dsc), dtype=np.int64),
+                  local_dice_before=np.r_[np.nan, np.full(len(dsc) - 1, 0.5)],
+                  local_dice_after=np.r_[np.nan, np.full(len(dsc) - 1, 0.75)])
             for dsc in dsc_by_repetition
         ))
         for i in range(cases)
@@ -329,8 +415,21 @@ def test_report_json_is_complete_and_consistent(report_dir: Path, evaluation_inp
     assert [c["key"] for c in report["summary"]["columns"]] == ["0", "1", "avg_0_3"]
     unet_changes = [r["changed_voxels"] for c in report["cases"]["unet"] for r in c["repetitions"]]
     assert np.sum(unet_changes) == 0  # clicks change nothing for the plain UNet
+    labels = ["unet", "unet+guarantee", "2s-icr", "2s-icr+guarantee", "deepgrow", "deepgrow+guarantee", "pet-threshold"]
+    assert list(report["methods"]) == labels  # each checkpoint alone and guaranteed, then the baseline
+    assert report["methods"]["2s-icr+guarantee"]["checkpoint_digest"] == report["methods"]["2s-icr"]["checkpoint_digest"]
+    assert report["methods"]["pet-threshold"]["grid"] == {"shape": [24, 24, 24], "spacing_mm": 4.0}
+    assert config["guarantee"] == "both" and config["local_effect_radius_mm"] == 15.0
+    for label in labels:
+        honoured = report["summary"]["clicks_honoured"][label]
+        made = np.add(honoured["foreground_clicks"], honoured["background_clicks"])
+        assert made[0] == 0 and made[-1] > 0
+        if label.endswith("+guarantee") or label == "pet-threshold":  # every click kept, every time
+            assert all(p == 100.0 for p, n in zip(honoured["all_percent"], made) if n)
+        assert len(report["summary"]["local_effect"][label]["per_click"]) == 3
+        assert report["summary"]["no_op"][label]["cases"] in (0, 1, 2)
     tests = report["significance"]["dsc"]
-    assert set(tests) == {"unet", "deepgrow"} and set(tests["unet"]) == {"0", "1", "avg_0_3"}
+    assert set(tests) == set(labels) - {"2s-icr"} and set(tests["unet"]) == {"0", "1", "avg_0_3"}
     assert all(0.0 <= t["p_adjusted"] <= 1.0 for m in tests.values() for t in m.values())
     assert len(report["significance"]["curves"]["hd95"]["deepgrow"]) == 4
 
@@ -343,6 +442,10 @@ def test_report_markdown_and_plot(report_dir: Path) -> None:
     assert "0.75 DSC NoC" in markdown and "2.5 mm HD95 PoF (%)" in markdown
     assert "Click rule: `linear`" in markdown and "Cases: 2; repetitions: 2" in markdown
     assert "| 2s-icr vs | 0 clicks | 1 click | 0 to 3 avg. |" in markdown
+    for heading in ("## Clicks honoured", "## Local effect: DSC inside 15 mm of the new click", "## No-op stability"):
+        assert heading in markdown
+    assert "| Method | fg 1 | bg 1 |" in markdown
+    assert (report_dir / "interaction.png").read_bytes()[:8] == PNG_MAGIC
     assert "random unet / test weights" in markdown  # a '|' in a description cannot break the table
     assert (report_dir / "curves.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -356,6 +459,8 @@ def test_cli_rejects_unusable_input(evaluation_inputs: dict[str, Path], tmp_path
     assert _run([*common, "--weights", unet, "--cases", str(tmp_path / "ids.txt")]) == 2
     assert _run([*common, "--weights", f"unet={tmp_path / 'missing'}"]) == 2
     assert _run([*common, "--weights", unet, "--device", "cpu", "--autocast", "float16"]) == 2
+    assert _run([*common, "--baseline", "none"]) == 2  # nothing left to evaluate
+    assert _run([*common, "--weights", f"pet-threshold={evaluation_inputs['unet']}"]) == 2  # a label taken twice
     with pytest.raises(SystemExit):
         _parser().parse_args([*common, "--weights", "no-equals-sign"])
     assert not (tmp_path / "out").exists()
@@ -364,7 +469,8 @@ def test_cli_rejects_unusable_input(evaluation_inputs: dict[str, Path], tmp_path
 def test_a_rerun_reuses_matching_method_results_and_recomputes_the_rest(
     evaluation_inputs: dict[str, Path], tmp_path: Path
 ) -> None:
-    arguments: dict[str, Any] = {"max_clicks": 2, "repetitions": 1, "seed": 3, "device": "cpu"}
+    arguments: dict[str, Any] = {"max_clicks": 2, "repetitions": 1, "seed": 3, "device": "cpu", "guarantee": "off",
+                                 "baselines": ()}
     methods = {"deepgrow": evaluation_inputs["deepgrow"]}
     first = evaluate(methods, evaluation_inputs["data"], tmp_path, **arguments)["deepgrow"]
     (saved,) = (tmp_path / "methods").glob("*.json")

@@ -1,4 +1,4 @@
-"""DSC, HD95 (against hand values and MONAI), NoC/PoF and the Wilcoxon + BH test."""
+"""DSC, HD95 (against hand values and MONAI), NoC/PoF, the Wilcoxon + BH test, clicks honoured, local DSC."""
 
 from __future__ import annotations
 
@@ -11,13 +11,17 @@ from monai.metrics import compute_hausdorff_distance
 from scipy import ndimage, stats
 
 from service.science.metrics import (
+    ball,
     benjamini_hochberg,
+    clicks_honoured,
     dice,
     hd95,
+    local_dice,
     noc_summary,
     number_of_clicks,
     wilcoxon_bh,
 )
+from service.store.contract import Click
 
 
 def test_dice_hand_computed() -> None:
@@ -172,3 +176,37 @@ def test_wilcoxon_bh_rejects_unpaired_samples() -> None:
         wilcoxon_bh({"a": np.ones(5), "b": np.ones(4)}, reference="a")
     with pytest.raises(KeyError):
         wilcoxon_bh({"a": np.ones(5)}, reference="z")
+
+
+# ---------------------------------------------------------------- interaction measures
+
+
+def test_clicks_honoured_by_hand() -> None:
+    mask = np.zeros((4, 4, 4), dtype=bool)
+    mask[1, 1, 1] = True
+    clicks = [Click("foreground", (1, 1, 1)), Click("foreground", (0, 0, 0)),
+              Click("background", (2, 2, 2)), Click("background", (1, 1, 1))]
+    assert clicks_honoured(mask, clicks).tolist() == [True, False, True, False]
+    assert clicks_honoured(mask.astype(np.float32) * 0.6, clicks[:1]).tolist() == [True]  # probabilities at 0.5
+    assert clicks_honoured(mask, []).tolist() == []
+
+
+def test_ball_counts_and_clipping() -> None:
+    box, inside = ball((9, 9, 9), (4, 4, 4), 1.0)
+    assert int(inside.sum()) == 7  # centre and its six face neighbours
+    assert int(ball((9, 9, 9), (4, 4, 4), 1.5)[1].sum()) == 19  # + the twelve edge neighbours (sqrt 2)
+    box, inside = ball((9, 9, 9), (0, 0, 0), 1.0)
+    assert int(inside.sum()) == 4 and box == (slice(0, 2),) * 3
+
+
+def test_local_dice_by_hand() -> None:
+    pred = np.zeros((9, 9, 9), dtype=bool)
+    truth = np.zeros((9, 9, 9), dtype=bool)
+    for voxel in [(4, 4, 4), (4, 4, 5), (0, 0, 0)]:
+        pred[voxel] = True
+    for voxel in [(4, 4, 4), (3, 4, 4), (4, 4, 5), (8, 8, 8)]:
+        truth[voxel] = True
+    # inside the radius-1 ball: pred {c, (4,4,5)}, truth {c, (3,4,4), (4,4,5)} -> 2 * 2 / (2 + 3)
+    assert local_dice(pred, truth, (4, 4, 4), 1.0) == pytest.approx(0.8)
+    assert dice(pred, truth) == pytest.approx(4 / 7)  # the whole volume says something else
+    assert local_dice(pred, truth, (8, 0, 0), 1.0) == 1.0  # nothing there in either mask

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from monai.apps.deepgrow.transforms import AddRandomGuidanced
 
-from service.science.simulator import ClickRule, SimulatedClick, next_click
+from service.imaging.grid import normalise_ct
+from service.science.simulator import ClickRule, body_mask, next_click, no_op_click
+from service.store.contract import Click
 
 RULES = [ClickRule.DEEPGROW, ClickRule.LINEAR]
 
@@ -42,7 +44,7 @@ def test_larger_error_type_is_corrected_as_monai_does(rule: ClickRule) -> None:
     truth = _cube((24, 24, 24), (2, 2, 2), 6)  # 216 voxels, all missed
     spurious = _cube((24, 24, 24), (14, 14, 14), 5)  # 125 voxels
     click = next_click(spurious, truth, np.random.default_rng(0), rule)
-    assert click == SimulatedClick("foreground", click.voxel)
+    assert click == Click("foreground", click.voxel)
     click = next_click(spurious | _cube((24, 24, 24), (12, 12, 12), 8), truth, np.random.default_rng(0), rule)
     assert click is not None and click.label == "background"
 
@@ -137,3 +139,37 @@ def test_probability_maps_are_thresholded_and_shapes_checked() -> None:
     assert next_click(truth * 0.9, truth, np.random.default_rng(0)) is None
     with pytest.raises(ValueError):
         next_click(np.zeros((8, 8, 7)), truth, np.random.default_rng(0))
+
+
+# ------------------------------------------------------------------- no-op click
+
+
+def test_no_op_click_is_the_nearest_body_voxel_at_30_mm() -> None:
+    shape = (30, 3, 3)
+    mask = np.zeros(shape, dtype=bool)
+    mask[:3] = True  # x = 0..2, the whole cross-section
+    truth = mask.copy()
+    body = np.ones(shape, dtype=bool)
+    body[25:] = False
+    # 2 mm voxels: 30 mm = 15 voxels from x = 2, so x = 17; every (y, z) there ties, C order takes (0, 0)
+    assert no_op_click(mask, truth, body, 2.0) == Click("background", (17, 0, 0))
+    assert no_op_click(mask, truth, body, 1.5) == Click("background", (22, 0, 0))  # 20 voxels from x = 2
+    body[:20] = False
+    assert no_op_click(mask, truth, body, 2.0) == Click("background", (20, 0, 0))
+    body[:] = False
+    assert no_op_click(mask, truth, body, 2.0) is None
+
+
+def test_no_op_click_keeps_away_from_the_truth_too() -> None:
+    shape = (30, 3, 3)
+    mask = np.zeros(shape, dtype=bool)
+    truth = np.zeros(shape, dtype=bool)
+    truth[5] = True  # the mask missed everything: the click must not land on the missed tumour's side either
+    click = no_op_click(mask, truth, np.ones(shape, dtype=bool), 2.0)
+    assert click == Click("background", (20, 0, 0))
+    assert no_op_click(mask, mask, np.ones(shape, dtype=bool), 2.0) == Click("background", (0, 0, 0))
+
+
+def test_body_mask_is_tissue_above_minus_180_hu() -> None:
+    hu = np.array([-1000.0, -200.0, -185.0, -175.0, 0.0, 1000.0])
+    assert body_mask(normalise_ct(hu)).tolist() == [False, False, False, True, True, True]
