@@ -106,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "ablate", help="does a 2S-ICR refinement ensemble use its memory and its click? (first-click DSC per input)",
         description="First-click DSC of a 2S-ICR checkpoint's refinement ensemble with and without its memory "

@@ -484,7 +484,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add ``evaluate`` to the ``icr`` subcommands."""
     parser = commands.add_parser(
         "evaluate",
