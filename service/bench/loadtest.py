@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -206,7 +207,26 @@ def _loopback(url: str) -> bool:
         return False
 
 
-def report(runs: list[SessionRun], sessions: int, clicks: int, wall_s: float, server: dict[str, Any]) -> dict[str, Any]:
+HEALTH_PROBE_S = 0.05  # how often the load test asks /healthz while the load runs
+
+
+def probe_health(url: str, stop: threading.Event) -> list[float]:
+    """Latencies (s) of /healthz, asked every HEALTH_PROBE_S on its own connection until ``stop``:
+    what an orchestrator's liveness probe sees while the service is loaded."""
+    samples: list[float] = []
+    with httpx.Client(base_url=url, timeout=10) as client:
+        while not stop.wait(HEALTH_PROBE_S):
+            started = time.perf_counter()
+            try:
+                client.get("/healthz")
+            except httpx.HTTPError:
+                continue  # an unanswered probe shows as a missing sample; errors are the sessions' to count
+            samples.append(time.perf_counter() - started)
+    return samples
+
+
+def report(runs: list[SessionRun], sessions: int, clicks: int, wall_s: float, server: dict[str, Any],
+           health_s: list[float] | None = None) -> dict[str, Any]:
     checks = [run.check() for run in runs]
     click_s = [s for run in runs for s in run.click_s]
 
@@ -233,6 +253,7 @@ def report(runs: list[SessionRun], sessions: int, clicks: int, wall_s: float, se
         "sessions_unchecked": sum(run.final is None for run in runs if run.create_s is not None),
         "client_create": latency([run.create_s for run in runs if run.create_s is not None]),
         "client_click": latency(click_s),
+        "health_during_load": latency(health_s or []),
         "server": server,
     }
 
@@ -252,10 +273,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise BenchError(f"{url}/healthz does not answer 200")
         before, _ = scrape.scrape(metrics_urls, client)
         test = LoadTest(client, uploads, args.clicks, args.retries, args.seed)
-        started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=args.sessions, thread_name_prefix="icr-load") as pool:
-            runs = list(pool.map(test.session, range(args.sessions)))
-        wall_s = time.perf_counter() - started
+        stop_probe = threading.Event()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="icr-health") as prober:
+            health = prober.submit(probe_health, url, stop_probe)
+            started = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=args.sessions, thread_name_prefix="icr-load") as pool:
+                runs = list(pool.map(test.session, range(args.sessions)))
+            wall_s = time.perf_counter() - started
+            stop_probe.set()
+            health_s = health.result()
         after, missing = scrape.scrape(metrics_urls, client)
     server = {
         "metrics_unreachable": missing,
@@ -266,7 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "phase_order": list(PHASES),
     }
-    return report(runs, args.sessions, args.clicks, wall_s, server)
+    return report(runs, args.sessions, args.clicks, wall_s, server, health_s)
 
 
 def format_summary(result: dict[str, Any]) -> str:
@@ -279,7 +305,8 @@ def format_summary(result: dict[str, Any]) -> str:
          f"{result['sessions_exact']}/{result['sessions_created']}"),
         f"errors: {result['errors'] or 'none'} (retries {result['retries']})",
     ]
-    rows = [("client create", result["client_create"]), ("client click", result["client_click"])]
+    rows = [("client create", result["client_create"]), ("client click", result["client_click"]),
+            ("healthz (load)", result["health_during_load"])]
     if result["server"]["click"]:
         rows.append(("server click", result["server"]["click"]))
     rows += [(f"  {phase}", result["server"]["refine_phases"][phase])
