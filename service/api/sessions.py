@@ -13,14 +13,17 @@ import secrets
 import time
 import uuid
 from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 
 from service.api.problems import Problem
-from service.api.schemas import ClickIn, ClickOut, GridOut, MaskSummary, OriginalOut
+from service.api.schemas import ClickIn, ClickOut, GridOut, MaskSummary, OriginalOut, SeriesOut, SourceOut, SuvOut
+from service.dicom.source import session_source
+from service.imaging.frames import patient_to_world, world_to_patient
 from service.imaging.grid import WorkingGrid, overlap_centre, preprocess, to_volume_grid
-from service.imaging.nifti import read_nifti
-from service.imaging.volume import ImageError
+from service.imaging.upload import UploadLimits, UploadTooLarge, check_pair, read_upload
+from service.imaging.volume import ImageError, Volume
 from service.settings import Settings
 from service.store.codec import decode_array, encode_array, encode_mask
 from service.store.contract import (
@@ -46,7 +49,7 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat()
 
 
-def parse_centre(text: str | None) -> np.ndarray | None:
+def parse_centre(text: str | None, name: str = "centre", frame: str = "world mm") -> np.ndarray | None:
     if text is None or not text.strip():
         return None
     try:
@@ -54,8 +57,40 @@ def parse_centre(text: str | None) -> np.ndarray | None:
     except ValueError:
         values = []
     if len(values) != 3 or not np.all(np.isfinite(values)):
-        raise Problem(422, "invalid-centre", "centre must be three finite numbers 'x,y,z' in world mm")
+        raise Problem(422, "invalid-centre", f"{name} must be three finite numbers 'x,y,z' in {frame}")
     return np.asarray(values, dtype=np.float64)
+
+
+def world_centre(world: np.ndarray | None, patient: np.ndarray | None) -> np.ndarray | None:
+    """The region centre in world RAS mm, given in world (RAS) or DICOM patient (LPS) mm."""
+    if world is not None and patient is not None:
+        raise Problem(422, "invalid-centre", "give the centre in world mm or in patient mm, not both")
+    return patient_to_world(patient) if patient is not None else world
+
+
+def upload_limits(settings: Settings) -> UploadLimits:
+    return UploadLimits(
+        max_part_bytes=int(settings.max_upload_mb * 2**20),
+        max_image_bytes=int(settings.max_image_mb * 2**20),
+        max_files=settings.max_dicom_files,
+    )
+
+
+def read_images(
+    ct_parts: list[bytes], pet_parts: list[bytes], settings: Settings
+) -> tuple[Volume, Volume, dict[str, Any] | None]:
+    """CT (HU) and PET (SUV) from NIfTI files, zips of DICOM series or DICOM files, and the
+    DICOM source a session keeps (None for NIfTI)."""
+    limits = upload_limits(settings)
+    try:
+        ct, ct_series = read_upload(ct_parts, "ct", limits)
+        pet, pet_series = read_upload(pet_parts, "pet", limits)
+        check_pair(ct_series, pet_series)
+    except UploadTooLarge as error:
+        raise Problem(413, "upload-too-large", str(error)) from error
+    except ImageError as error:
+        raise Problem(422, "invalid-image", str(error)) from error
+    return ct, pet, session_source(ct_series, pet_series)
 
 
 @dataclasses.dataclass
@@ -69,9 +104,21 @@ class SessionView:
 
     def clicks_out(self) -> list[ClickOut]:
         return [
-            ClickOut(label=c.label, voxel=c.voxel, world_mm=tuple(float(v) for v in self.grid.voxel_to_world(c.voxel)))
+            ClickOut(label=c.label, voxel=c.voxel, world_mm=_vector3(world), patient_mm=_vector3(world_to_patient(world)))
             for c in self.version.clicks
+            for world in (self.grid.voxel_to_world(c.voxel),)
         ]
+
+    def source_out(self) -> SourceOut | None:
+        source = self.record.source
+        if source is None:
+            return None
+        series = {
+            role: None if source.get(role) is None else SeriesOut.model_validate(source[role])
+            for role in ("ct", "pet")
+        }
+        suv = (source.get("pet") or {}).get("suv")
+        return SourceOut(ct=series["ct"], pet=series["pet"], suv=None if suv is None else SuvOut(**suv))
 
     def grid_out(self) -> GridOut:
         return GridOut(
@@ -156,16 +203,12 @@ class Sessions:
         shape = tuple(int(n) for n in workers[0]["grid_shape"])
         return (shape[0], shape[1], shape[2]), float(workers[0].get("spacing_mm", 1.0))
 
-    def create(self, ct_bytes: bytes, pet_bytes: bytes, centre_text: str | None, owner: str | None) -> SessionView:
-        centre = parse_centre(centre_text)
-        upload_limit = int(self.settings.max_upload_mb * 2**20)
-        for role, payload in (("ct", ct_bytes), ("pet", pet_bytes)):
-            if len(payload) > upload_limit:
-                raise Problem(413, "upload-too-large", f"{role}: file is {len(payload)} bytes, over the upload limit of {upload_limit}")
-        limit = int(self.settings.max_image_mb * 2**20)
+    def create(
+        self, ct: Volume, pet: Volume, centre: np.ndarray | None, owner: str | None,
+        source: dict[str, Any] | None = None,
+    ) -> SessionView:
+        """A session on a CT/PET pair (read by :func:`read_images`); ``centre`` in world mm."""
         try:
-            ct = read_nifti(ct_bytes, role="ct", max_decompressed_bytes=limit)
-            pet = read_nifti(pet_bytes, role="pet", max_decompressed_bytes=limit)
             overlap = overlap_centre(ct, pet)
         except ImageError as error:
             raise Problem(422, "invalid-image", str(error)) from error
@@ -179,6 +222,7 @@ class Sessions:
             original_shape=ct.shape,
             original_affine=tuple(tuple(float(v) for v in row) for row in ct.affine),
             created_at=time.time(),
+            source=None if source is None else {**source, "weights": self._engine_weights()},
         )
         record = self.store.create_session(record, encode_array(images))
         outcome = self._run(Job(id=uuid.uuid4().hex, session_id=record.id, kind="initial", base_version=-1))
@@ -187,6 +231,11 @@ class Sessions:
             raise self._outcome_problem(outcome)
         log.info("session %s created", record.id)
         return self.view(self.store.get_session(record.id))
+
+    def _engine_weights(self) -> str:
+        """The checkpoint digest of a live worker: the algorithm a DICOM output names."""
+        workers = self.queue.live_workers()
+        return str(workers[0].get("weights", "unknown")) if workers else "unknown"
 
     # -- changing -----------------------------------------------------------------
     def _run(self, job: Job) -> JobOutcome:
@@ -223,9 +272,15 @@ class Sessions:
         if click.voxel is not None:
             voxel = np.asarray(click.voxel)
         else:
-            voxel = np.rint(grid.world_to_voxel(np.asarray(click.world_mm, dtype=np.float64)))
+            world = patient_to_world(click.patient_mm) if click.patient_mm is not None else click.world_mm
+            voxel = np.rint(grid.world_to_voxel(np.asarray(world, dtype=np.float64)))
         if not grid.contains_voxel(voxel):
-            where = f"voxel {list(click.voxel)}" if click.voxel is not None else f"world_mm {list(click.world_mm or ())}"
+            if click.voxel is not None:
+                where = f"voxel {list(click.voxel)}"
+            elif click.patient_mm is not None:
+                where = f"patient_mm {list(click.patient_mm)}"
+            else:
+                where = f"world_mm {list(click.world_mm or ())}"
             raise Problem(
                 422, "click-outside-volume",
                 f"clicks[{index}] at {where} lies outside the working grid of shape {list(grid.shape)}",
@@ -311,6 +366,11 @@ class Sessions:
         assert view.probability is not None
         on_ct = to_volume_grid(view.probability, view.grid, view.record.original_shape, affine)
         return (on_ct > 0.5).astype(np.uint8), affine
+
+
+def _vector3(values: np.ndarray) -> tuple[float, float, float]:
+    x, y, z = (float(v) for v in values)
+    return x, y, z
 
 
 def expires_iso(record: SessionRecord) -> str:

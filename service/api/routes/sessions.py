@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
+import numpy as np
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 
 from service.api.deps import OwnerDep, SessionsDep
-from service.api.schemas import ClicksIn, CreatedOut, ResultOut, SessionOut
-from service.api.sessions import SessionView, created_iso, expires_iso
+from service.api.dicom_io import pull_study
+from service.api.problems import Problem
+from service.api.schemas import ClicksIn, CreatedOut, DicomwebSessionIn, ResultOut, SessionOut
+from service.api.sessions import SessionView, Sessions, created_iso, expires_iso, parse_centre, read_images, world_centre
 from service.imaging.nifti import write_nifti
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
@@ -28,21 +35,81 @@ def _etag(response: Response, view: SessionView) -> None:
     response.headers["ETag"] = f'"{view.version.version}"'
 
 
-@router.post("", status_code=201, response_model=CreatedOut, summary="Upload a CT+PET pair; get the initial mask")
-def create_session(
-    sessions: SessionsDep,
-    owner: OwnerDep,
-    response: Response,
-    ct: Annotated[UploadFile, File(description="CT in HU, NIfTI (.nii or .nii.gz)")],
-    pet: Annotated[UploadFile, File(description="PET in SUV, NIfTI (.nii or .nii.gz)")],
-    centre: Annotated[str | None, Form(description="Region centre 'x,y,z' in world mm; default: CT/PET overlap centre")] = None,
-) -> CreatedOut:
-    view = sessions.create(ct.file.read(), pet.file.read(), centre, owner)
+_UPLOAD_FORM = {
+    "type": "object",
+    "required": ["ct", "pet"],
+    "properties": {
+        "ct": {"type": "array", "items": {"type": "string", "format": "binary"},
+               "description": "CT: one NIfTI file (HU), one zip of a DICOM series, or the series' DICOM files as repeated parts"},
+        "pet": {"type": "array", "items": {"type": "string", "format": "binary"},
+                "description": "PET: one NIfTI file (SUV), one zip of a DICOM series (Bq/ml taken to SUVbw), or its files"},
+        "centre": {"type": "string", "description": "Region centre 'x,y,z' in world mm (RAS); default: found"},
+        "centre_patient_mm": {"type": "string", "description": "Region centre 'x,y,z' in DICOM patient mm (LPS)"},
+    },
+}
+_CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": _UPLOAD_FORM},
+            "application/json": {"schema": {
+                "type": "object", "required": ["dicomweb"],
+                "description": '{"dicomweb": {"study": uid, "ct_series"?: uid, "pet_series"?: uid}, '
+                               '"centre"?: [x, y, z] (RAS mm), "centre_patient_mm"?: [x, y, z] (LPS mm)}',
+            }},
+        },
+    }
+}
+
+
+@router.post("", status_code=201, response_model=CreatedOut, openapi_extra=_CREATE_BODY,
+             summary="Upload a CT+PET pair (NIfTI or DICOM), or name a study on the PACS; get the initial mask")
+async def create_session(request: Request, sessions: SessionsDep, owner: OwnerDep, response: Response) -> CreatedOut:
+    if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+        view = await _create_from_pacs(request, sessions, owner)
+    else:
+        view = await _create_from_upload(request, sessions, owner)
     response.headers["Location"] = f"/v1/sessions/{view.record.id}"
     _etag(response, view)
     return CreatedOut(
-        **view.result(), grid=view.grid_out(), original=view.original_out(), expires_at=expires_iso(view.record)
+        **view.result(), grid=view.grid_out(), original=view.original_out(), expires_at=expires_iso(view.record),
+        source=view.source_out(),
     )
+
+
+async def _create_from_upload(request: Request, sessions: Sessions, owner: str | None) -> SessionView:
+    limit = sessions.settings.max_dicom_files
+    form = await request.form(max_files=2 * limit + 2, max_fields=16)
+    try:
+        parts = {}
+        for role in ("ct", "pet"):
+            files = [item for item in form.getlist(role) if isinstance(item, UploadFile)]
+            if not files:
+                raise Problem(422, "invalid-request", f"{role}: a file is required")
+            parts[role] = [await item.read() for item in files]
+        texts = {name: form.get(name) for name in ("centre", "centre_patient_mm")}
+        if any(value is not None and not isinstance(value, str) for value in texts.values()):
+            raise Problem(422, "invalid-centre", "centre must be a form field, not a file")
+    finally:
+        await form.close()
+    centre = world_centre(parse_centre(texts["centre"]), parse_centre(texts["centre_patient_mm"], "centre_patient_mm",
+                                                                      "patient mm (LPS)"))
+    ct, pet, source = await run_in_threadpool(read_images, parts["ct"], parts["pet"], sessions.settings)
+    return await run_in_threadpool(sessions.create, ct, pet, centre, owner, source)
+
+
+async def _create_from_pacs(request: Request, sessions: Sessions, owner: str | None) -> SessionView:
+    try:
+        body = DicomwebSessionIn.model_validate_json(await request.body())
+    except ValidationError as error:
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:10])
+        raise Problem(422, "invalid-request", detail or "request body is not valid") from error
+    centre = world_centre(
+        None if body.centre is None else np.asarray(body.centre, dtype=np.float64),
+        None if body.centre_patient_mm is None else np.asarray(body.centre_patient_mm, dtype=np.float64),
+    )
+    ct, pet, source = await run_in_threadpool(pull_study, body.dicomweb, sessions.settings)
+    return await run_in_threadpool(sessions.create, ct, pet, centre, owner, source)
 
 
 @router.get("/{session_id}", response_model=SessionOut, summary="Session state")
@@ -57,6 +124,7 @@ def get_session(session_id: str, sessions: SessionsDep, owner: OwnerDep, respons
         original=view.original_out(),
         created_at=created_iso(view.record),
         expires_at=expires_iso(view.record),
+        source=view.source_out(),
     )
 
 
