@@ -18,7 +18,16 @@ from typing import Any
 import numpy as np
 
 from service.api.problems import Problem
-from service.api.schemas import ClickIn, ClickOut, GridOut, MaskSummary, OriginalOut, SeriesOut, SourceOut, SuvOut
+from service.api.schemas import (
+    ClickIn,
+    ClickOut,
+    GridOut,
+    MaskSummary,
+    OriginalOut,
+    SeriesOut,
+    SourceOut,
+    SuvOut,
+)
 from service.dicom.source import session_source
 from service.imaging.frames import patient_to_world, world_to_patient
 from service.imaging.grid import WorkingGrid, overlap_centre, preprocess, to_volume_grid

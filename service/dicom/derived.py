@@ -18,10 +18,11 @@ class Derivation:
     session_version: int
     clicks: int
     weights_digest: str
+    origin: str = "session"  # what made the mask: a session, or e.g. a phantom's ground truth
 
     @property
     def series_description(self) -> str:
-        return f"{PRODUCT} {ROI_NAME} session v{self.session_version}"
+        return f"{PRODUCT} {ROI_NAME} {self.origin} v{self.session_version}"
 
     @property
     def algorithm_version(self) -> str:

@@ -117,7 +117,7 @@ def _referenced_frame(source: SeriesSource) -> Dataset:
 
 
 def _contours(mask: np.ndarray, lps: np.ndarray, source: SeriesSource) -> list[Dataset]:
-    items = []
+    items: list[Dataset] = []
     for k in np.flatnonzero(mask.reshape(-1, mask.shape[2]).any(axis=0)):
         for points in slice_contours(mask[:, :, k]):
             voxels = np.column_stack([points, np.full(len(points), float(k))])

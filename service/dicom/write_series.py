@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage, generate_uid
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    PositronEmissionTomographyImageStorage,
+    generate_uid,
+)
 
 from service import __version__
 from service.imaging.frames import affine_world_to_patient
@@ -73,13 +79,11 @@ def ct_series(volume: Volume, subject: Subject, *, series_number: int = 1) -> li
 def pet_series(volume: Volume, subject: Subject, *, series_number: int = 2) -> list[Dataset]:
     """The PET volume (SUVbw) as PET Image Storage slices in Bq/ml (BQML, DecayCorrection START)."""
     bq_ml = np.asarray(volume.array, dtype=np.float64) / subject.suv_factor()
-    if np.any(bq_ml < 0):
-        raise ImageError("pet: negative SUV cannot be stored as unsigned PET values")
     slices = _slices(volume, subject, PositronEmissionTomographyImageStorage, "PT", series_number,
                      "PET from 2S-ICR phantom")
     for k, dataset in enumerate(slices):
         plane = bq_ml[:, :, k]
-        slope = max(float(plane.max()) / PET_STORED_MAX, 1e-6)
+        slope = max(float(np.abs(plane).max()) / PET_STORED_MAX, 1e-6)
         dataset.ImageType = ["ORIGINAL", "PRIMARY"]
         dataset.SeriesType = ["STATIC", "IMAGE"]
         dataset.Units = "BQML"
@@ -101,8 +105,8 @@ def pet_series(volume: Volume, subject: Subject, *, series_number: int = 2) -> l
         dataset.PatientGantryRelationshipCodeSequence = DicomSequence()
         dataset.RescaleIntercept = 0
         dataset.RescaleSlope = f"{slope:.10g}"[:16]
-        dataset.PixelRepresentation = 0
-        stored = np.clip(np.rint(plane / float(dataset.RescaleSlope)), 0, 65535).astype(np.uint16)
+        dataset.PixelRepresentation = 1  # signed: reconstructed PET can dip below zero
+        stored = np.clip(np.rint(plane / float(dataset.RescaleSlope)), -32768, 32767).astype(np.int16)
         _pixels(dataset, stored)
     return slices
 
@@ -132,7 +136,7 @@ def _radiopharmaceutical(subject: Subject) -> Dataset:
     return item
 
 
-def _slices(volume: Volume, subject: Subject, sop_class: str, modality: str, series_number: int,
+def _slices(volume: Volume, subject: Subject, sop_class: UID, modality: str, series_number: int,
             description: str) -> list[Dataset]:
     lps = affine_world_to_patient(volume.affine)
     column_spacing, row_spacing, slice_spacing = (float(np.linalg.norm(lps[:3, a])) for a in range(3))

@@ -5,17 +5,38 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
-
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from service.api.deps import OwnerDep, SessionsDep
-from service.api.dicom_io import pull_study
+from service.api.dicom_io import (
+    DICOM_MEDIA_TYPE,
+    dicom_bytes,
+    export,
+    mask_object,
+    pull_study,
+)
 from service.api.problems import Problem
-from service.api.schemas import ClicksIn, CreatedOut, DicomwebSessionIn, ResultOut, SessionOut
-from service.api.sessions import SessionView, Sessions, created_iso, expires_iso, parse_centre, read_images, world_centre
+from service.api.schemas import (
+    ClicksIn,
+    CreatedOut,
+    DicomwebSessionIn,
+    ExportIn,
+    ExportOut,
+    ResultOut,
+    SessionOut,
+)
+from service.api.sessions import (
+    Sessions,
+    SessionView,
+    created_iso,
+    expires_iso,
+    parse_centre,
+    read_images,
+    world_centre,
+)
 from service.imaging.nifti import write_nifti
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
@@ -81,19 +102,22 @@ async def _create_from_upload(request: Request, sessions: Sessions, owner: str |
     limit = sessions.settings.max_dicom_files
     form = await request.form(max_files=2 * limit + 2, max_fields=16)
     try:
-        parts = {}
+        parts: dict[str, list[bytes]] = {}
         for role in ("ct", "pet"):
             files = [item for item in form.getlist(role) if isinstance(item, UploadFile)]
             if not files:
                 raise Problem(422, "invalid-request", f"{role}: a file is required")
             parts[role] = [await item.read() for item in files]
-        texts = {name: form.get(name) for name in ("centre", "centre_patient_mm")}
-        if any(value is not None and not isinstance(value, str) for value in texts.values()):
-            raise Problem(422, "invalid-centre", "centre must be a form field, not a file")
+        texts: dict[str, str | None] = {}
+        for name in ("centre", "centre_patient_mm"):
+            value = form.get(name)
+            if value is not None and not isinstance(value, str):
+                raise Problem(422, "invalid-centre", f"{name} must be a form field, not a file")
+            texts[name] = value
     finally:
         await form.close()
-    centre = world_centre(parse_centre(texts["centre"]), parse_centre(texts["centre_patient_mm"], "centre_patient_mm",
-                                                                      "patient mm (LPS)"))
+    centre = world_centre(parse_centre(texts["centre"]),
+                          parse_centre(texts["centre_patient_mm"], "centre_patient_mm", "patient mm (LPS)"))
     ct, pet, source = await run_in_threadpool(read_images, parts["ct"], parts["pet"], sessions.settings)
     return await run_in_threadpool(sessions.create, ct, pet, centre, owner, source)
 
@@ -153,16 +177,25 @@ def undo(session_id: str, sessions: SessionsDep, owner: OwnerDep, response: Resp
 @router.get(
     "/{session_id}/mask",
     response_class=Response,
-    responses={200: {"content": {NIFTI_MEDIA_TYPE: {}}, "description": "uint8 0/1 NIfTI (.nii.gz)"}},
-    summary="The current mask as NIfTI",
+    responses={200: {"content": {NIFTI_MEDIA_TYPE: {}, DICOM_MEDIA_TYPE: {}},
+                      "description": "uint8 0/1 NIfTI (.nii.gz), or an RTSTRUCT / DICOM-SEG on the source CT"}},
+    summary="The current mask as NIfTI, DICOM-SEG or RTSTRUCT",
 )
 def get_mask(
     session_id: str,
     sessions: SessionsDep,
     owner: OwnerDep,
     space: Annotated[Literal["working", "original"], Query(description="working grid or the uploaded CT's grid")] = "working",
+    format: Annotated[
+        Literal["nifti", "dicom-seg", "rtstruct"],
+        Query(description="nifti; or dicom-seg / rtstruct on the source CT series (sessions made from DICOM)"),
+    ] = "nifti",
 ) -> Response:
     view = sessions.view(sessions.ready_record(session_id, owner))
+    if format != "nifti":
+        name = f"{format}-v{view.version.version}.dcm"
+        return Response(dicom_bytes(mask_object(sessions, view, format)), media_type=DICOM_MEDIA_TYPE, headers={
+            "Content-Disposition": f'attachment; filename="{name}"', "ETag": f'"{view.version.version}"'})
     mask, affine = sessions.mask_volume(view, space)
     return _nifti(write_nifti(mask, affine, dtype="uint8"), view, f"mask-{space}")
 
@@ -188,6 +221,11 @@ def _nifti(payload: bytes, view: SessionView, name: str) -> Response:
             "ETag": f'"{view.version.version}"',
         },
     )
+
+
+@router.post("/{session_id}/export", response_model=ExportOut, summary="Store the mask on the PACS (STOW-RS)")
+def export_mask(session_id: str, body: ExportIn, sessions: SessionsDep, owner: OwnerDep) -> ExportOut:
+    return export(sessions, sessions.view(sessions.ready_record(session_id, owner)), body.format)
 
 
 @router.delete("/{session_id}", status_code=204, response_class=Response, summary="Delete a session")
