@@ -7,10 +7,12 @@ name them: a CT and a PET in one frame of reference are a co-registered pair. Er
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
@@ -150,9 +152,15 @@ def retrieve(client: DICOMwebClient, study: str, series: SeriesInfo) -> list[Dat
 
 
 def store(client: DICOMwebClient, dataset: Dataset) -> None:
-    """STOW-RS one instance; raises :class:`PacsError` when the PACS refuses it."""
+    """STOW-RS one instance; raises :class:`PacsError` when the PACS refuses it.
+
+    The instance travels as a Part 10 file with its preamble: dicomweb-client writes a
+    dataset as it is, and readers (dicomweb-client's own among them) expect the preamble.
+    """
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
     try:
-        client.store_instances([dataset])
+        client.store_instances([pydicom.dcmread(io.BytesIO(buffer.getvalue()))])
     except requests.RequestException as error:
         raise _unavailable(error) from error
 
