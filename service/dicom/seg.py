@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
@@ -10,6 +12,9 @@ from pydicom.uid import generate_uid
 
 from service.dicom.derived import MANUFACTURER, PRODUCT, ROI_NAME, Derivation
 from service.dicom.source import SeriesSource
+
+# highdicom narrates at INFO which source instance it copies from: UIDs stay out of the logs.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 def segment_description(derivation: Derivation) -> hd.seg.SegmentDescription:

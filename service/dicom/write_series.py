@@ -111,6 +111,31 @@ def pet_series(volume: Volume, subject: Subject, *, series_number: int = 2) -> l
     return slices
 
 
+def write_phantom(directory: Path, case_id: str, ct: Volume, pet: Volume, gtvt: np.ndarray) -> Path:
+    """One phantom case in DICOM under ``directory/<case_id>/``: ``ct/`` and ``pt/`` series and its
+    ground truth as ``gtvt-rtstruct.dcm`` and ``gtvt-seg.dcm``. UIDs derive from the case id."""
+    from service.dicom.derived import Derivation
+    from service.dicom.rtstruct import rtstruct
+    from service.dicom.seg import dicom_seg
+    from service.dicom.series import read_series
+
+    subject = Subject(
+        patient_name=f"Phantom^{case_id}", patient_id=case_id,
+        study_instance_uid=generate_uid(entropy_srcs=[case_id, "study"]),
+        frame_of_reference_uid=generate_uid(entropy_srcs=[case_id, "frame"]),
+    )
+    out = directory / case_id
+    ct_slices = ct_series(ct, subject)
+    write_series(ct_slices, out / "ct")
+    write_series(pet_series(pet, subject), out / "pt")
+    volume, source = read_series(ct_slices, role="ct", max_voxels=ct.array.size)
+    truth = Derivation(session_version=0, clicks=0, weights_digest="phantom-generator", origin="phantom truth")
+    mask = np.asarray(gtvt) > 0.5
+    rtstruct(mask, volume.affine, source, truth).save_as(out / "gtvt-rtstruct.dcm", enforce_file_format=True)
+    dicom_seg(mask, volume.affine, source, truth).save_as(out / "gtvt-seg.dcm", enforce_file_format=True)
+    return out
+
+
 def write_series(datasets: Sequence[Dataset], directory: Path) -> list[Path]:
     """Write each slice as ``<n>.dcm`` (Part 10) into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -144,7 +169,7 @@ def _slices(volume: Volume, subject: Subject, sop_class: UID, modality: str, ser
     normal = np.cross(lps[:3, 0], lps[:3, 1])
     if float(normal @ lps[:3, 2]) <= 0:
         raise ImageError(f"{modality}: the slice axis must follow the row x column normal to be written as DICOM")
-    series_uid = generate_uid()
+    series_uid = generate_uid(entropy_srcs=[subject.study_instance_uid, modality, str(series_number)])
     day, clock = subject.study_datetime.strftime("%Y%m%d"), subject.study_datetime.strftime("%H%M%S")
     columns, rows, depth = volume.shape
     slices = []
@@ -155,7 +180,7 @@ def _slices(volume: Volume, subject: Subject, sop_class: UID, modality: str, ser
         dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         dataset.SpecificCharacterSet = "ISO_IR 100"
         dataset.SOPClassUID = sop_class
-        dataset.SOPInstanceUID = generate_uid()
+        dataset.SOPInstanceUID = generate_uid(entropy_srcs=[series_uid, str(k)])
         dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
         dataset.PatientName, dataset.PatientID = subject.patient_name, subject.patient_id
         dataset.PatientBirthDate, dataset.PatientSex = "", "O"
