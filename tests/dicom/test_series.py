@@ -134,3 +134,18 @@ def test_ct_and_pet_must_share_patient_and_frame_of_reference(pair: dict[str, li
     _, moved = read_upload([part10(d) for d in other], "pet", LIMITS)
     with pytest.raises(ImageError, match="different FrameOfReferenceUID"):
         check_pair(ct, moved)
+
+
+def test_compressed_series_decode(pair: dict[str, list[Dataset]]) -> None:
+    from pydicom.uid import JPEG2000Lossless, RLELossless
+
+    expected, _ = read_series(pair["ct"], role="ct", max_voxels=10**7)
+    for syntax in (RLELossless, JPEG2000Lossless):
+        copies = [copy.deepcopy(d) for d in pair["ct"]]
+        try:
+            for dataset in copies:
+                dataset.compress(syntax)
+        except (RuntimeError, NotImplementedError) as error:
+            pytest.skip(f"no encoder for {syntax.name} here: {error}")
+        volume, _ = read_upload([part10(d) for d in copies], "ct", LIMITS)
+        np.testing.assert_array_equal(volume.array, expected.array)
