@@ -122,34 +122,34 @@ def _radiopharmaceutical(dataset: Dataset, role: str) -> Dataset:
     return item
 
 
-def _date(value: Any, keyword: str, role: str) -> date:
+_TEMPORAL: dict[str, tuple[type, type]] = {"date": (DA, date), "time": (TM, time), "date-time": (DT, datetime)}
+
+
+def _temporal(value: Any, keyword: str, role: str, kind: str) -> Any:
+    """A DA/TM/DT value as a datetime object; wall-clock (scanner-local) values, offsets dropped."""
+    parser, expected = _TEMPORAL[kind]
     try:
-        parsed = DA(value) if not isinstance(value, date) else value
+        parsed: Any = value if isinstance(value, expected) else parser(value)
     except (TypeError, ValueError) as error:
-        raise ImageError(f"{role}: {keyword} is not a DICOM date") from error
-    if not isinstance(parsed, date):
-        raise ImageError(f"{role}: {keyword} is not a DICOM date")
-    return parsed
+        raise ImageError(f"{role}: {keyword} is not a DICOM {kind}") from error
+    if not isinstance(parsed, expected):
+        raise ImageError(f"{role}: {keyword} is not a DICOM {kind}")
+    return parsed if kind == "date" else parsed.replace(tzinfo=None)
+
+
+def _date(value: Any, keyword: str, role: str) -> date:
+    result: date = _temporal(value, keyword, role, "date")
+    return result
 
 
 def _time(value: Any, keyword: str, role: str) -> time:
-    try:
-        parsed = TM(value) if not isinstance(value, time) else value
-    except (TypeError, ValueError) as error:
-        raise ImageError(f"{role}: {keyword} is not a DICOM time") from error
-    if not isinstance(parsed, time):
-        raise ImageError(f"{role}: {keyword} is not a DICOM time")
-    return parsed.replace(tzinfo=None)
+    result: time = _temporal(value, keyword, role, "time")
+    return result
 
 
 def _datetime(value: Any, keyword: str, role: str) -> datetime:
-    try:
-        parsed = DT(value) if not isinstance(value, datetime) else value
-    except (TypeError, ValueError) as error:
-        raise ImageError(f"{role}: {keyword} is not a DICOM date-time") from error
-    if not isinstance(parsed, datetime):
-        raise ImageError(f"{role}: {keyword} is not a DICOM date-time")
-    return parsed.replace(tzinfo=None)  # scanner wall-clock times; offsets, when given, are the same site's
+    result: datetime = _temporal(value, keyword, role, "date-time")
+    return result
 
 
 def _date_and_time(dataset: Dataset, date_keyword: str, time_keyword: str, role: str) -> datetime | None:
