@@ -83,6 +83,12 @@ def mask_object(sessions: Sessions, view: SessionView, format: DicomFormat) -> D
             f"{format}: this session was made from a NIfTI CT, so there is no DICOM CT series to reference; "
             "use format=nifti, or create the session from the DICOM series",
         )
+    if not source.frame_of_reference_uid:
+        raise Problem(
+            409, "no-frame-of-reference",
+            f"{format}: the source CT series has no FrameOfReferenceUID, which an RTSTRUCT or DICOM-SEG must "
+            "reference; use format=nifti",
+        )
     mask, affine = sessions.mask_volume(view, "original")
     derivation = Derivation(
         session_version=view.version.version,

@@ -26,8 +26,7 @@ from service.imaging.volume import ImageError, Volume
 
 MODALITY_OF_ROLE = {"ct": "CT", "pet": "PT"}
 REQUIRED_KEYWORDS = (
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
-    "Modality", "Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
 )
 SPACING_RTOL = 0.01  # a slice gap may differ from the series' slice spacing by 1 %
 DUPLICATE_POSITION_MM = 0.01  # slices closer than this along the normal occupy one position
@@ -83,7 +82,7 @@ def read_series(datasets: Sequence[Dataset], *, role: str, max_voxels: int) -> t
         modality=str(first.Modality),
         study_instance_uid=str(first.StudyInstanceUID),
         series_instance_uid=str(first.SeriesInstanceUID),
-        frame_of_reference_uid=str(first.FrameOfReferenceUID),
+        frame_of_reference_uid=str(getattr(first, "FrameOfReferenceUID", "") or ""),  # some writers omit it
         sop_class_uid=str(first.SOPClassUID),
         sop_instance_uids=tuple(str(s.dataset.SOPInstanceUID) for s in slices),
         identity=_identity(first),

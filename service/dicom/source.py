@@ -41,7 +41,7 @@ class SeriesSource:
     modality: str
     study_instance_uid: str
     series_instance_uid: str
-    frame_of_reference_uid: str
+    frame_of_reference_uid: str  # "" when the series has none
     sop_class_uid: str
     sop_instance_uids: tuple[str, ...]  # one per slice, along the slice normal (array axis k)
     identity: dict[str, Any]  # DICOM JSON of IDENTITY_KEYWORDS present in the series

@@ -58,12 +58,17 @@ def read_upload(parts: Sequence[bytes], role: str, limits: UploadLimits) -> tupl
 
 
 def check_pair(ct: SeriesSource | None, pet: SeriesSource | None) -> None:
-    """CT and PET from DICOM must be one patient in one frame of reference (no registration is applied)."""
+    """CT and PET from DICOM must be one patient in one frame of reference (no registration is applied).
+
+    Series without a FrameOfReferenceUID (some writers omit it) are taken as co-registered,
+    as NIfTI uploads are."""
     if ct is None or pet is None:
         return
     if ct.identity.get("00100020") != pet.identity.get("00100020"):  # PatientID
         raise ImageError("ct and pet are of different patients (PatientID)")
-    if ct.frame_of_reference_uid != pet.frame_of_reference_uid:
+    if ct.frame_of_reference_uid and pet.frame_of_reference_uid and (
+        ct.frame_of_reference_uid != pet.frame_of_reference_uid
+    ):
         raise ImageError(
             "ct and pet have different FrameOfReferenceUID and no registration was given; "
             "upload a co-registered PET/CT pair"

@@ -146,3 +146,18 @@ def test_centre_in_patient_coordinates(client: TestClient, nifti_pair) -> None:
     assert world["grid"]["origin_mm"] == patient["grid"]["origin_mm"]
     both = client.post("/v1/sessions", files=files, data={"centre": "2,-3,1", "centre_patient_mm": "-2,3,1"})
     assert both.status_code == 422 and both.json()["type"] == "urn:icr:problem:invalid-centre"
+
+
+def test_series_without_frame_of_reference_make_a_session_but_no_dicom_outputs(client: TestClient, pair) -> None:
+    import copy
+
+    stripped = {}
+    for role in ("ct", "pet"):
+        copies = [copy.deepcopy(d) for d in pair[role]]
+        for dataset in copies:
+            del dataset.FrameOfReferenceUID
+        stripped[role] = [part10(d) for d in copies]
+    body = _create(client, multipart(stripped["ct"], stripped["pet"]))
+    assert body["source"]["ct"]["frame_of_reference_uid"] == ""
+    answer = client.get(f"/v1/sessions/{body['id']}/mask?format=rtstruct")
+    assert answer.status_code == 409 and answer.json()["type"] == "urn:icr:problem:no-frame-of-reference"

@@ -149,3 +149,34 @@ def test_compressed_series_decode(pair: dict[str, list[Dataset]]) -> None:
             pytest.skip(f"no encoder for {syntax.name} here: {error}")
         volume, _ = read_upload([part10(d) for d in copies], "ct", LIMITS)
         np.testing.assert_array_equal(volume.array, expected.array)
+
+
+def test_series_written_by_simpleitk_reads_like_simpleitk_reads_it(tmp_path) -> None:
+    """An independent writer (SimpleITK/GDCM), which omits FrameOfReferenceUID, read back by both."""
+    sitk = pytest.importorskip("SimpleITK")
+    array = np.random.default_rng(3).integers(-1000, 1000, (6, 18, 20)).astype(np.int16)  # (k, j, i)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.8, 0.9, 2.5))
+    image.SetOrigin((10.0, 20.0, -30.0))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in reversed(range(image.GetDepth())):
+        plane = image[:, :, k]
+        for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.8.498.1"),
+                           ("0020|000e", "1.2.826.0.1.3680043.8.498.2"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))),
+                           ("0008|0018", f"1.2.826.0.1.3680043.8.498.3.{k}"), ("0028|1052", "0"), ("0028|1053", "1")):
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(tmp_path / f"slice{k}.dcm"))
+        writer.Execute(plane)
+    volume, source = read_upload([p.read_bytes() for p in tmp_path.glob("*.dcm")], "ct", LIMITS)
+    assert source is not None and source.frame_of_reference_uid == ""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path)))
+    again = reader.Execute()
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(again.GetDirection()).reshape(3, 3) * np.asarray(again.GetSpacing())
+    lps[:3, 3] = again.GetOrigin()
+    np.testing.assert_allclose(volume.affine, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, atol=1e-4)
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(again).transpose(2, 1, 0))
+    np.testing.assert_array_equal(volume.array, array.transpose(2, 1, 0))
