@@ -83,6 +83,12 @@ def mask_object(sessions: Sessions, view: SessionView, format: DicomFormat) -> D
             f"{format}: this session was made from a NIfTI CT, so there is no DICOM CT series to reference; "
             "use format=nifti, or create the session from the DICOM series",
         )
+    if source.multiframe:
+        raise Problem(
+            409, "multiframe-source",
+            f"{format}: the source CT is one multi-frame image; RTSTRUCT and DICOM-SEG are made for single-frame "
+            "CT series only; use format=nifti",
+        )
     if not source.frame_of_reference_uid:
         raise Problem(
             409, "no-frame-of-reference",

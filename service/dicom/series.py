@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from service.dicom.multiframe import read_multiframe
 from service.dicom.source import IDENTITY_KEYWORDS, SeriesSource
 from service.dicom.suv import suv_factor
 from service.imaging.frames import affine_patient_to_world
 from service.imaging.volume import ImageError, Volume
 
 MODALITY_OF_ROLE = {"ct": "CT", "pet": "PT"}
-REQUIRED_KEYWORDS = (
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
-)
+IDENTIFYING_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
+PLANE_KEYWORDS = ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient")
 SPACING_RTOL = 0.01  # a slice gap may differ from the series' slice spacing by 1 %
 DUPLICATE_POSITION_MM = 0.01  # slices closer than this along the normal occupy one position
 ORIENTATION_ATOL = 1e-4  # direction cosines of all slices agree to this
@@ -51,14 +51,19 @@ def read_series(datasets: Sequence[Dataset], *, role: str, max_voxels: int) -> t
         raise ImageError(f"{role}: no DICOM images")
     _check_not_mixed(datasets, role)
     for dataset in datasets:
-        _require(dataset, REQUIRED_KEYWORDS, role)
+        _require(dataset, IDENTIFYING_KEYWORDS, role)
     first = datasets[0]
-    _check_slices_unique(datasets, role)
     expected = MODALITY_OF_ROLE[role]
     if first.Modality != expected:
         raise ImageError(f"{role}: the series' Modality is {first.Modality!r}; {role} needs {expected}")
     if any(int(getattr(d, "NumberOfFrames", 1) or 1) != 1 for d in datasets):
-        raise ImageError(f"{role}: multi-frame images are not supported; upload the series as single-frame images")
+        if len(datasets) != 1:
+            raise ImageError(f"{role}: a multi-frame image must be uploaded on its own, not with other images")
+        volume, sop_instance_uids = read_multiframe(first, role=role, max_voxels=max_voxels)
+        return volume, series_source(first, sop_instance_uids, suv=None, multiframe=True, role=role)
+    for dataset in datasets:
+        _require(dataset, PLANE_KEYWORDS, role)
+    _check_slices_unique(datasets, role)
     rows, columns = int(first.Rows), int(first.Columns)
     if len(datasets) * rows * columns > max_voxels:
         raise ImageError(f"{role}: the series holds {len(datasets) * rows * columns} voxels, over the limit of {max_voxels}")
@@ -78,18 +83,25 @@ def read_series(datasets: Sequence[Dataset], *, role: str, max_voxels: int) -> t
         array *= np.float32(factor)
     if not np.all(np.isfinite(array)):
         raise ImageError(f"{role}: the rescaled pixel values are not finite")
-    source = SeriesSource(
+    source = series_source(first, tuple(str(s.dataset.SOPInstanceUID) for s in slices), suv=suv, multiframe=False,
+                           role=role)
+    return Volume(array=array, affine=affine_patient_to_world(affine_lps)), source
+
+
+def series_source(first: Dataset, sop_instance_uids: tuple[str, ...], *, suv: dict[str, Any] | None,
+                  multiframe: bool, role: str) -> SeriesSource:
+    return SeriesSource(
         modality=str(first.Modality),
         study_instance_uid=str(first.StudyInstanceUID),
         series_instance_uid=str(first.SeriesInstanceUID),
         frame_of_reference_uid=str(getattr(first, "FrameOfReferenceUID", "") or ""),  # some writers omit it
         sop_class_uid=str(first.SOPClassUID),
-        sop_instance_uids=tuple(str(s.dataset.SOPInstanceUID) for s in slices),
+        sop_instance_uids=sop_instance_uids,
         identity=_identity(first),
-        slice_thickness_mm=_optional_float(first, "SliceThickness", role),
+        slice_thickness_mm=None if multiframe else _optional_float(first, "SliceThickness", role),
         suv=suv,
+        multiframe=multiframe,
     )
-    return Volume(array=array, affine=affine_patient_to_world(affine_lps)), source
 
 
 def _require(dataset: Dataset, keywords: Sequence[str], role: str) -> None:

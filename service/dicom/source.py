@@ -47,6 +47,7 @@ class SeriesSource:
     identity: dict[str, Any]  # DICOM JSON of IDENTITY_KEYWORDS present in the series
     slice_thickness_mm: float | None = None
     suv: dict[str, Any] | None = field(default=None)  # PET: the factor and the tags it came from
+    multiframe: bool = False  # one multi-frame image: sop_instance_uids repeats its UID per frame
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +60,7 @@ class SeriesSource:
             "identity": self.identity,
             "slice_thickness_mm": self.slice_thickness_mm,
             "suv": self.suv,
+            "multiframe": self.multiframe,
         }
 
     @classmethod

@@ -134,7 +134,8 @@ def _temporal(value: Any, keyword: str, role: str, kind: str) -> Any:
         raise ImageError(f"{role}: {keyword} is not a DICOM {kind}") from error
     if not isinstance(parsed, expected):
         raise ImageError(f"{role}: {keyword} is not a DICOM {kind}")
-    return parsed if kind == "date" else parsed.replace(tzinfo=None)
+    moment: Any = parsed
+    return moment if kind == "date" else moment.replace(tzinfo=None)
 
 
 def _date(value: Any, keyword: str, role: str) -> date:

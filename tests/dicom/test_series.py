@@ -180,3 +180,21 @@ def test_series_written_by_simpleitk_reads_like_simpleitk_reads_it(tmp_path) -> 
     np.testing.assert_allclose(volume.affine, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, atol=1e-4)
     np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(again).transpose(2, 1, 0))
     np.testing.assert_array_equal(volume.array, array.transpose(2, 1, 0))
+
+
+def test_multiframe_ct_reads_as_its_single_frame_series(pair: dict[str, list[Dataset]]) -> None:
+    """An Enhanced CT made by an independent converter (highdicom's legacy converter)."""
+    import io
+
+    import highdicom as hd
+    import pydicom
+
+    single, _ = read_series(pair["ct"], role="ct", max_voxels=10**7)
+    files = [pydicom.dcmread(io.BytesIO(part10(d))) for d in pair["ct"]]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(files, series_instance_uid=hd.UID(), series_number=9,
+                                                        sop_instance_uid=hd.UID(), instance_number=1)
+    volume, source = read_upload([part10(enhanced)], "ct", LIMITS)
+    np.testing.assert_allclose(volume.affine, single.affine, atol=1e-4)
+    np.testing.assert_array_equal(volume.array, single.array)
+    assert source is not None and source.multiframe and len(source.sop_instance_uids) == 20
+    assert "mixes 2 series" in _refusal([part10(enhanced), part10(pair["ct"][0])])
