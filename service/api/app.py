@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import problems
+from service.api import dicom_errors, problems
 from service.api.limits import BodyLimit
 from service.api.routes import health
 from service.api.routes import sessions as session_routes
@@ -73,6 +73,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    dicom_errors.install(app)
     app.include_router(health.router)
     app.include_router(session_routes.router)
     max_body = int(2 * settings.max_upload_mb * 2**20) + MULTIPART_OVERHEAD_BYTES

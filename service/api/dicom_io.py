@@ -1,6 +1,6 @@
 """The API's DICOM verbs: sessions from a PACS study, masks as RTSTRUCT/DICOM-SEG, STOW-RS export.
 
-Domain errors (images, PACS) become problems here, in one table.
+Errors are domain errors (:mod:`service.api.dicom_errors`, the PACS's, imaging's).
 """
 
 from __future__ import annotations
@@ -10,9 +10,15 @@ from typing import Any, Literal
 
 from pydicom.dataset import Dataset
 
-from service.api.problems import Problem
+from service.api.dicom_errors import (
+    MultiframeSource,
+    NoDicomSource,
+    NoFrameOfReference,
+    PacsNotConfigured,
+)
 from service.api.schemas import DicomwebStudyIn, ExportOut
-from service.api.sessions import Sessions, SessionView, upload_limits
+from service.api.sessions import Sessions, SessionView
+from service.api.uploads import upload_limits
 from service.dicom import dicomweb
 from service.dicom.derived import Derivation
 from service.dicom.rtstruct import rtstruct
@@ -25,17 +31,11 @@ from service.settings import Settings
 
 DicomFormat = Literal["rtstruct", "dicom-seg"]
 DICOM_MEDIA_TYPE = "application/dicom"
-_PACS_PROBLEMS: dict[type[dicomweb.PacsError], tuple[int, str]] = {
-    dicomweb.StudyNotFound: (404, "study-not-found"),
-    dicomweb.AmbiguousSeries: (409, "ambiguous-series"),
-    dicomweb.SeriesRefused: (422, "invalid-series"),
-    dicomweb.PacsUnavailable: (502, "pacs-unavailable"),
-}
 
 
 def pacs_settings(settings: Settings) -> dicomweb.PacsSettings:
     if not settings.dicomweb_url:
-        raise Problem(503, "pacs-not-configured", "this service has no PACS configured (ICR_DICOMWEB_URL)")
+        raise PacsNotConfigured("this service has no PACS configured (ICR_DICOMWEB_URL)")
     return dicomweb.PacsSettings(
         url=settings.dicomweb_url,
         username=settings.dicomweb_username,
@@ -45,32 +45,22 @@ def pacs_settings(settings: Settings) -> dicomweb.PacsSettings:
     )
 
 
-def _pacs_problem(error: dicomweb.PacsError) -> Problem:
-    status, kind = _PACS_PROBLEMS.get(type(error), (502, "pacs-unavailable"))
-    return Problem(status, kind, str(error))
-
-
 def pull_study(study: DicomwebStudyIn, settings: Settings) -> tuple[Volume, Volume, dict[str, Any] | None]:
     """CT and PET of a PACS study, read as an upload of the same series would be."""
     client = dicomweb.connect(pacs_settings(settings))
     limits = upload_limits(settings)
-    try:
-        ct_info, pet_info = dicomweb.pick_pair(dicomweb.study_series(client, study.study), study.ct_series,
-                                               study.pet_series)
-        volumes = []
-        sources = []
-        for role, info in (("ct", ct_info), ("pet", pet_info)):
-            if info.instances is not None and info.instances > limits.max_files:
-                raise Problem(422, "invalid-image", f"{role}: {info.instances} images, over the limit of {limits.max_files}")
-            volume, source = read_series(dicomweb.retrieve(client, study.study, info), role=role,
-                                         max_voxels=limits.max_image_bytes // FLOAT32_BYTES)
-            volumes.append(volume)
-            sources.append(source)
-        check_pair(sources[0], sources[1])
-    except dicomweb.PacsError as error:
-        raise _pacs_problem(error) from error
-    except ImageError as error:
-        raise Problem(422, "invalid-image", str(error)) from error
+    ct_info, pet_info = dicomweb.pick_pair(dicomweb.study_series(client, study.study), study.ct_series,
+                                           study.pet_series)
+    volumes = []
+    sources = []
+    for role, info in (("ct", ct_info), ("pet", pet_info)):
+        if info.instances is not None and info.instances > limits.max_files:
+            raise ImageError(f"{role}: {info.instances} images, over the limit of {limits.max_files}")
+        volume, source = read_series(dicomweb.retrieve(client, study.study, info), role=role,
+                                     max_voxels=limits.max_image_bytes // FLOAT32_BYTES)
+        volumes.append(volume)
+        sources.append(source)
+    check_pair(sources[0], sources[1])
     return volumes[0], volumes[1], session_source(sources[0], sources[1])
 
 
@@ -78,20 +68,17 @@ def mask_object(sessions: Sessions, view: SessionView, format: DicomFormat) -> D
     """The session's mask at ``view`` as an RTSTRUCT or DICOM-SEG on the source CT."""
     source = ct_source(view.record.source)
     if source is None:
-        raise Problem(
-            409, "no-dicom-source",
+        raise NoDicomSource(
             f"{format}: this session was made from a NIfTI CT, so there is no DICOM CT series to reference; "
             "use format=nifti, or create the session from the DICOM series",
         )
     if source.multiframe:
-        raise Problem(
-            409, "multiframe-source",
+        raise MultiframeSource(
             f"{format}: the source CT is one multi-frame image; RTSTRUCT and DICOM-SEG are made for single-frame "
             "CT series only; use format=nifti",
         )
     if not source.frame_of_reference_uid:
-        raise Problem(
-            409, "no-frame-of-reference",
+        raise NoFrameOfReference(
             f"{format}: the source CT series has no FrameOfReferenceUID, which an RTSTRUCT or DICOM-SEG must "
             "reference; use format=nifti",
         )
@@ -115,10 +102,7 @@ def export(sessions: Sessions, view: SessionView, format: DicomFormat) -> Export
     """Store the mask object on the configured PACS (STOW-RS)."""
     client = dicomweb.connect(pacs_settings(sessions.settings))
     dataset = mask_object(sessions, view, format)
-    try:
-        dicomweb.store(client, dataset)
-    except dicomweb.PacsError as error:
-        raise _pacs_problem(error) from error
+    dicomweb.store(client, dataset)
     return ExportOut(
         format=format,
         sop_instance_uid=str(dataset.SOPInstanceUID),

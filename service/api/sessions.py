@@ -28,10 +28,8 @@ from service.api.schemas import (
     SourceOut,
     SuvOut,
 )
-from service.dicom.source import session_source
 from service.imaging.frames import patient_to_world, world_to_patient
 from service.imaging.grid import WorkingGrid, overlap_centre, preprocess, to_volume_grid
-from service.imaging.upload import UploadLimits, UploadTooLarge, check_pair, read_upload
 from service.imaging.volume import ImageError, Volume
 from service.settings import Settings
 from service.store.codec import decode_array, encode_array, encode_mask
@@ -68,38 +66,6 @@ def parse_centre(text: str | None, name: str = "centre", frame: str = "world mm"
     if len(values) != 3 or not np.all(np.isfinite(values)):
         raise Problem(422, "invalid-centre", f"{name} must be three finite numbers 'x,y,z' in {frame}")
     return np.asarray(values, dtype=np.float64)
-
-
-def world_centre(world: np.ndarray | None, patient: np.ndarray | None) -> np.ndarray | None:
-    """The region centre in world RAS mm, given in world (RAS) or DICOM patient (LPS) mm."""
-    if world is not None and patient is not None:
-        raise Problem(422, "invalid-centre", "give the centre in world mm or in patient mm, not both")
-    return patient_to_world(patient) if patient is not None else world
-
-
-def upload_limits(settings: Settings) -> UploadLimits:
-    return UploadLimits(
-        max_part_bytes=int(settings.max_upload_mb * 2**20),
-        max_image_bytes=int(settings.max_image_mb * 2**20),
-        max_files=settings.max_dicom_files,
-    )
-
-
-def read_images(
-    ct_parts: list[bytes], pet_parts: list[bytes], settings: Settings
-) -> tuple[Volume, Volume, dict[str, Any] | None]:
-    """CT (HU) and PET (SUV) from NIfTI files, zips of DICOM series or DICOM files, and the
-    DICOM source a session keeps (None for NIfTI)."""
-    limits = upload_limits(settings)
-    try:
-        ct, ct_series = read_upload(ct_parts, "ct", limits)
-        pet, pet_series = read_upload(pet_parts, "pet", limits)
-        check_pair(ct_series, pet_series)
-    except UploadTooLarge as error:
-        raise Problem(413, "upload-too-large", str(error)) from error
-    except ImageError as error:
-        raise Problem(422, "invalid-image", str(error)) from error
-    return ct, pet, session_source(ct_series, pet_series)
 
 
 @dataclasses.dataclass
@@ -216,7 +182,7 @@ class Sessions:
         self, ct: Volume, pet: Volume, centre: np.ndarray | None, owner: str | None,
         source: dict[str, Any] | None = None,
     ) -> SessionView:
-        """A session on a CT/PET pair (read by :func:`read_images`); ``centre`` in world mm."""
+        """A session on a CT/PET pair (see service.api.uploads.read_images); ``centre`` in world mm."""
         try:
             overlap = overlap_centre(ct, pet)
         except ImageError as error:

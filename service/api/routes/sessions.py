@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-import numpy as np
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
-from starlette.datastructures import UploadFile
 
+from service.api import uploads
 from service.api.deps import OwnerDep, SessionsDep
 from service.api.dicom_io import (
     DICOM_MEDIA_TYPE,
@@ -18,25 +16,15 @@ from service.api.dicom_io import (
     mask_object,
     pull_study,
 )
-from service.api.problems import Problem
 from service.api.schemas import (
     ClicksIn,
     CreatedOut,
-    DicomwebSessionIn,
     ExportIn,
     ExportOut,
     ResultOut,
     SessionOut,
 )
-from service.api.sessions import (
-    Sessions,
-    SessionView,
-    created_iso,
-    expires_iso,
-    parse_centre,
-    read_images,
-    world_centre,
-)
+from service.api.sessions import Sessions, SessionView, created_iso, expires_iso
 from service.imaging.nifti import write_nifti
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
@@ -99,40 +87,14 @@ async def create_session(request: Request, sessions: SessionsDep, owner: OwnerDe
 
 
 async def _create_from_upload(request: Request, sessions: Sessions, owner: str | None) -> SessionView:
-    limit = sessions.settings.max_dicom_files
-    form = await request.form(max_files=2 * limit + 2, max_fields=16)
-    try:
-        parts: dict[str, list[bytes]] = {}
-        for role in ("ct", "pet"):
-            files = [item for item in form.getlist(role) if isinstance(item, UploadFile)]
-            if not files:
-                raise Problem(422, "invalid-request", f"{role}: a file is required")
-            parts[role] = [await item.read() for item in files]
-        texts: dict[str, str | None] = {}
-        for name in ("centre", "centre_patient_mm"):
-            value = form.get(name)
-            if value is not None and not isinstance(value, str):
-                raise Problem(422, "invalid-centre", f"{name} must be a form field, not a file")
-            texts[name] = value
-    finally:
-        await form.close()
-    centre = world_centre(parse_centre(texts["centre"]),
-                          parse_centre(texts["centre_patient_mm"], "centre_patient_mm", "patient mm (LPS)"))
-    ct, pet, source = await run_in_threadpool(read_images, parts["ct"], parts["pet"], sessions.settings)
-    return await run_in_threadpool(sessions.create, ct, pet, centre, owner, source)
+    form = await uploads.read_form(request, sessions.settings)
+    ct, pet, source = await run_in_threadpool(uploads.read_images, form.parts["ct"], form.parts["pet"], sessions.settings)
+    return await run_in_threadpool(sessions.create, ct, pet, form.centre, owner, source)
 
 
 async def _create_from_pacs(request: Request, sessions: Sessions, owner: str | None) -> SessionView:
-    try:
-        body = DicomwebSessionIn.model_validate_json(await request.body())
-    except ValidationError as error:
-        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:10])
-        raise Problem(422, "invalid-request", detail or "request body is not valid") from error
-    centre = world_centre(
-        None if body.centre is None else np.asarray(body.centre, dtype=np.float64),
-        None if body.centre_patient_mm is None else np.asarray(body.centre_patient_mm, dtype=np.float64),
-    )
-    ct, pet, source = await run_in_threadpool(pull_study, body.dicomweb, sessions.settings)
+    study, centre = uploads.read_pacs_body(await request.body())
+    ct, pet, source = await run_in_threadpool(pull_study, study.dicomweb, sessions.settings)
     return await run_in_threadpool(sessions.create, ct, pet, centre, owner, source)
 
 
