@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import locale
 import zipfile
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -151,7 +153,15 @@ def test_compressed_series_decode(pair: dict[str, list[Dataset]]) -> None:
         np.testing.assert_array_equal(volume.array, expected.array)
 
 
-def test_series_written_by_simpleitk_reads_like_simpleitk_reads_it(tmp_path) -> None:
+@pytest.fixture
+def kept_locale() -> Iterator[None]:
+    """GDCM's writer sets the C locale process-wide; later tests write UTF-8 text by the locale."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
+
+
+def test_series_written_by_simpleitk_reads_like_simpleitk_reads_it(tmp_path, kept_locale: None) -> None:
     """An independent writer (SimpleITK/GDCM), which omits FrameOfReferenceUID, read back by both."""
     sitk = pytest.importorskip("SimpleITK")
     array = np.random.default_rng(3).integers(-1000, 1000, (6, 18, 20)).astype(np.int16)  # (k, j, i)
