@@ -16,6 +16,7 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 MODALITY = "00080060"
 SERIES_UID = "0020000E"
@@ -149,6 +150,10 @@ def retrieve(client: DICOMwebClient, study: str, series: SeriesInfo) -> list[Dat
         return list(client.retrieve_series(study, series.uid))
     except requests.RequestException as error:
         raise _unavailable(error) from error
+    except (InvalidDicomError, ValueError, EOFError) as error:  # parts dicomweb-client cannot read as Part 10
+        raise PacsUnavailable(
+            f"the PACS returned instances of series {series.uid} that are not readable DICOM Part 10 files"
+        ) from error
 
 
 def store(client: DICOMwebClient, dataset: Dataset) -> None:

@@ -113,3 +113,21 @@ def test_ambiguous_and_unknown_studies(service: TestClient, pacs_client: DICOMwe
     assert named.status_code == 201 and named.json()["source"]["pet"]["series_instance_uid"] == chosen
     missing = service.post("/v1/sessions", json={"dicomweb": {"study": "1.2.3.999"}})
     assert missing.status_code == 404 and missing.json()["type"] == "urn:icr:problem:study-not-found"
+
+
+def test_unreadable_instances_from_the_pacs_are_a_502(service: TestClient, pacs_client: DICOMwebClient,
+                                                      pair: dict[str, list[Dataset]]) -> None:
+    """Instances stored without a Part 10 preamble come back unreadable to dicomweb-client: 502 (the PACS), not 500."""
+    study = generate_uid()
+    bare = []
+    for datasets in (pair["ct"], pair["pet"]):
+        series = generate_uid()
+        for dataset in datasets:
+            clone = copy.deepcopy(dataset)
+            clone.StudyInstanceUID, clone.SeriesInstanceUID, clone.SOPInstanceUID = study, series, generate_uid()
+            clone.file_meta.MediaStorageSOPInstanceUID = clone.SOPInstanceUID
+            bare.append(clone)  # plain datasets: dicomweb-client sends them without a preamble
+    pacs_client.store_instances(bare)
+    answer = service.post("/v1/sessions", json={"dicomweb": {"study": study}})
+    assert answer.status_code == 502 and answer.json()["type"] == "urn:icr:problem:pacs-unavailable"
+    assert "not readable DICOM Part 10" in answer.json()["detail"]
