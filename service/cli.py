@@ -134,6 +134,11 @@ def _phantoms(args: argparse.Namespace) -> int:
 
     ids = write_cases(Path(args.out), args.n, args.seed)
     print(f"{len(ids)} phantom cases written to {args.out}")
+    if args.dicom:
+        from service.dicom.phantoms import write_dicom_cases
+
+        folder = write_dicom_cases(Path(args.out), ids)
+        print(f"... and as DICOM (CT, PET, GTVt RTSTRUCT and SEG) under {folder}")
     return 0
 
 
@@ -159,6 +164,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     phantoms.add_argument("out", help="output folder")
     phantoms.add_argument("-n", type=int, default=10, help="number of cases")
     phantoms.add_argument("--seed", type=int, default=0, help="seed of the set; each case derives its own")
+    phantoms.add_argument("--dicom", action="store_true",
+                          help="also write each case as DICOM CT and PET series with its GTVt as RTSTRUCT and SEG")
     phantoms.set_defaults(run=_phantoms)
 
     for name, lazy in LAZY_COMMANDS.items():

@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     session_ttl_s: float = Field(3600.0, gt=0, description="Idle time after which a session expires.")
     max_upload_mb: float = Field(200.0, gt=0, description="Largest accepted file, as uploaded.")
     max_image_mb: float = Field(1024.0, gt=0, description="Largest accepted image once decompressed.")
+    max_dicom_files: int = Field(2000, ge=1, description="Most DICOM files (slices) in one role's upload.")
+    dicomweb_url: str | None = Field(
+        None, description="DICOMweb base URL of the PACS sessions pull from and export to (QIDO/WADO/STOW-RS)."
+    )
+    dicomweb_username: str | None = Field(None, description="HTTP basic user for the PACS, with dicomweb_password.")
+    dicomweb_password: SecretStr | None = Field(None, description="HTTP basic password for the PACS.")
+    dicomweb_token: SecretStr | None = Field(None, description="Bearer token for the PACS (instead of basic auth).")
+    dicomweb_timeout_s: float = Field(60.0, gt=0, description="Timeout of one request to the PACS.")
     job_timeout_s: float = Field(300.0, gt=0, description="How long a request waits for the engine.")
     claim_idle_s: float = Field(30.0, gt=0, description="A job unrefreshed this long is taken by another worker.")
     worker_metrics_port: int | None = Field(

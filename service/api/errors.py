@@ -27,10 +27,6 @@ class InvalidImage(ServiceError):
     """An uploaded image cannot be used."""
 
 
-class UploadTooLarge(ServiceError):
-    """An uploaded file is over the upload limit."""
-
-
 class ClickOutsideVolume(ServiceError):
     """A click lies outside the session's volume."""
 
@@ -99,3 +95,28 @@ class QuotaExceeded(ServiceError):
     """A per-key limit is reached."""
 
     retry_after_s = 60.0
+
+
+# -- DICOM inputs and outputs ---------------------------------------------------------
+class InvalidUpload(ServiceError):
+    """The multipart or JSON body of a create request is not usable."""
+
+
+class InvalidCentreFrame(ServiceError):
+    """A centre given in both frames, or as a file."""
+
+
+class NoDicomSource(ServiceError):
+    """The session was made from NIfTI: no CT series to reference."""
+
+
+class NoFrameOfReference(ServiceError):
+    """The source CT series has no FrameOfReferenceUID to reference."""
+
+
+class MultiframeSource(ServiceError):
+    """The source CT is one multi-frame image; DICOM outputs need a single-frame series."""
+
+
+class PacsNotConfigured(ServiceError):
+    """No ICR_DICOMWEB_URL."""

@@ -18,6 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
 from service.api import errors
+from service.dicom import dicomweb
+from service.imaging.upload import UploadTooLarge
 from service.imaging.volume import ImageError
 from service.store.contract import SessionGone, SessionNotFound, StoreUnavailable
 
@@ -29,7 +31,17 @@ PROBLEMS: dict[type[Exception], tuple[int, str, str | None]] = {
     errors.InvalidCentre: (422, "invalid-centre", None),
     errors.InvalidImage: (422, "invalid-image", None),
     ImageError: (422, "invalid-image", None),
-    errors.UploadTooLarge: (413, "upload-too-large", None),
+    UploadTooLarge: (413, "upload-too-large", None),
+    errors.InvalidUpload: (422, "invalid-request", None),
+    errors.InvalidCentreFrame: (422, "invalid-centre", None),
+    errors.NoDicomSource: (409, "no-dicom-source", None),
+    errors.NoFrameOfReference: (409, "no-frame-of-reference", None),
+    errors.MultiframeSource: (409, "multiframe-source", None),
+    errors.PacsNotConfigured: (503, "pacs-not-configured", None),
+    dicomweb.StudyNotFound: (404, "study-not-found", None),
+    dicomweb.AmbiguousSeries: (409, "ambiguous-series", None),
+    dicomweb.SeriesRefused: (422, "invalid-series", None),
+    dicomweb.PacsError: (502, "pacs-unavailable", None),
     errors.ClickOutsideVolume: (422, "click-outside-volume", None),
     errors.IdempotencyKeyReused: (422, "idempotency-key-reused", None),
     errors.Unauthorised: (401, "unauthorised", None),

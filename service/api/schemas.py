@@ -11,20 +11,26 @@ Index3 = tuple[int, int, int]
 
 
 class ClickIn(BaseModel):
-    """A click at a world position (mm, the NIfTI affine's space) or a working-grid voxel."""
+    """A click at a world position (RAS mm), a DICOM patient position (LPS mm) or a working-grid voxel."""
 
     model_config = ConfigDict(extra="forbid")
 
     label: Literal["foreground", "background"]
-    world_mm: Vector3 | None = Field(None, description="World coordinates in mm, as nibabel reads the affine.")
+    world_mm: Vector3 | None = Field(None, description="World coordinates in mm (RAS), as nibabel reads the affine.")
+    patient_mm: Vector3 | None = Field(
+        None, description="DICOM patient coordinates in mm (LPS), as DICOM viewers show them."
+    )
     voxel: Index3 | None = Field(None, description="Working-grid voxel index (i, j, k).")
 
     @model_validator(mode="after")
     def _one_position(self) -> ClickIn:
-        if (self.world_mm is None) == (self.voxel is None):
-            raise ValueError("give exactly one of world_mm or voxel")
-        if self.world_mm is not None and not all(abs(v) < 1e9 for v in self.world_mm):
-            raise ValueError("world_mm must be finite")
+        given = [p for p in (self.world_mm, self.patient_mm, self.voxel) if p is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of world_mm, patient_mm or voxel")
+        for name in ("world_mm", "patient_mm"):
+            point = getattr(self, name)
+            if point is not None and not all(abs(v) < 1e9 for v in point):
+                raise ValueError(f"{name} must be finite")
         return self
 
 
@@ -37,7 +43,30 @@ class ClicksIn(BaseModel):
 class ClickOut(BaseModel):
     label: Literal["foreground", "background"]
     voxel: Index3
-    world_mm: Vector3
+    world_mm: Vector3 = Field(description="RAS mm.")
+    patient_mm: Vector3 = Field(description="DICOM patient coordinates (LPS mm) of the same point.")
+
+
+class SeriesOut(BaseModel):
+    """A DICOM series a session was made from (identifying attributes are never returned)."""
+
+    modality: str
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+    slices: int
+
+
+class SuvOut(BaseModel):
+    factor: float = Field(description="SUVbw per stored Bq/ml (1 for Units GML).")
+    units: str
+    tags: dict[str, str | float] = Field(description="The header values the factor was computed from.")
+
+
+class SourceOut(BaseModel):
+    ct: SeriesOut | None
+    pet: SeriesOut | None
+    suv: SuvOut | None
 
 
 class GridOut(BaseModel):
@@ -74,6 +103,7 @@ class SessionOut(BaseModel):
     original: OriginalOut
     created_at: str
     expires_at: str
+    source: SourceOut | None = Field(None, description="The DICOM series the session was made from; null for NIfTI.")
 
 
 class ResultOut(BaseModel):
@@ -90,3 +120,36 @@ class CreatedOut(ResultOut):
     grid: GridOut
     original: OriginalOut
     expires_at: str
+    source: SourceOut | None = Field(None, description="The DICOM series the session was made from; null for NIfTI.")
+
+
+class DicomwebStudyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    study: str = Field(min_length=1, max_length=64, description="StudyInstanceUID on the configured PACS.")
+    ct_series: str | None = Field(None, min_length=1, max_length=64, description="CT SeriesInstanceUID.")
+    pet_series: str | None = Field(None, min_length=1, max_length=64, description="PET SeriesInstanceUID.")
+
+
+class DicomwebSessionIn(BaseModel):
+    """Create a session from a study on the configured PACS (DICOMweb)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dicomweb: DicomwebStudyIn
+    centre: Vector3 | None = Field(None, description="Region centre in world mm (RAS).")
+    centre_patient_mm: Vector3 | None = Field(None, description="Region centre in DICOM patient mm (LPS).")
+
+
+class ExportIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["rtstruct", "dicom-seg"]
+
+
+class ExportOut(BaseModel):
+    format: Literal["rtstruct", "dicom-seg"]
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    version: int

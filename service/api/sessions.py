@@ -30,7 +30,17 @@ import numpy as np
 
 from service import logs
 from service.api import errors, observability
-from service.api.schemas import ClickIn, ClickOut, GridOut, MaskSummary, OriginalOut
+from service.api.schemas import (
+    ClickIn,
+    ClickOut,
+    GridOut,
+    MaskSummary,
+    OriginalOut,
+    SeriesOut,
+    SourceOut,
+    SuvOut,
+)
+from service.imaging.frames import patient_to_world, world_to_patient
 from service.imaging.grid import (
     WorkingGrid,
     check_centre,
@@ -38,8 +48,7 @@ from service.imaging.grid import (
     preprocess,
     to_volume_grid,
 )
-from service.imaging.nifti import read_nifti
-from service.imaging.volume import ImageError
+from service.imaging.volume import ImageError, Volume
 from service.settings import Settings
 from service.store.codec import decode_array, decode_mask, encode_array
 from service.store.contract import (
@@ -73,7 +82,7 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat()
 
 
-def parse_centre(text: str | None) -> np.ndarray | None:
+def parse_centre(text: str | None, name: str = "centre", frame: str = "world mm") -> np.ndarray | None:
     if text is None or not text.strip():
         return None
     try:
@@ -81,7 +90,7 @@ def parse_centre(text: str | None) -> np.ndarray | None:
     except ValueError:
         values = []
     if len(values) != 3 or not np.all(np.isfinite(values)) or max(abs(v) for v in values) > 1e6:
-        raise errors.InvalidCentre("centre must be three finite numbers 'x,y,z' in world mm")
+        raise errors.InvalidCentre(f"{name} must be three finite numbers 'x,y,z' in {frame}")
     return np.asarray(values, dtype=np.float64)
 
 
@@ -110,9 +119,21 @@ class SessionView:
 
     def clicks_out(self) -> list[ClickOut]:
         return [
-            ClickOut(label=c.label, voxel=c.voxel, world_mm=tuple(float(v) for v in self.grid.voxel_to_world(c.voxel)))
+            ClickOut(label=c.label, voxel=c.voxel, world_mm=_vector3(world), patient_mm=_vector3(world_to_patient(world)))
             for c in self.version.clicks
+            for world in (self.grid.voxel_to_world(c.voxel),)
         ]
+
+    def source_out(self) -> SourceOut | None:
+        source = self.record.source
+        if source is None:
+            return None
+        series = {
+            role: None if source.get(role) is None else SeriesOut.model_validate(source[role])
+            for role in ("ct", "pet")
+        }
+        suv = (source.get("pet") or {}).get("suv")
+        return SourceOut(ct=series["ct"], pet=series["pet"], suv=None if suv is None else SuvOut(**suv))
 
     def grid_out(self) -> GridOut:
         return GridOut(
@@ -196,18 +217,10 @@ class Sessions:
         return (shape[0], shape[1], shape[2]), float(worker.get("spacing_mm", 1.0))
 
     def create(
-        self, ct_bytes: bytes, pet_bytes: bytes, centre_text: str | None, owner: str | None, request_id: str = ""
+        self, ct: Volume, pet: Volume, centre: np.ndarray | None, owner: str | None,
+        source: dict[str, Any] | None = None, request_id: str = "",
     ) -> SessionView:
-        centre = parse_centre(centre_text)
-        upload_limit = int(self.settings.max_upload_mb * 2**20)
-        for role, payload in (("ct", ct_bytes), ("pet", pet_bytes)):
-            if len(payload) > upload_limit:
-                raise errors.UploadTooLarge(
-                    f"{role}: file is {len(payload)} bytes, over the upload limit of {upload_limit}"
-                )
-        limit = int(self.settings.max_image_mb * 2**20)
-        ct = read_nifti(ct_bytes, role="ct", max_decompressed_bytes=limit)
-        pet = read_nifti(pet_bytes, role="pet", max_decompressed_bytes=limit)
+        """A session on a CT/PET pair (see service.api.uploads.read_images); ``centre`` in world mm."""
         overlap = overlap_centre(ct, pet)
         shape, spacing = self._engine_grid()
         grid = WorkingGrid.around(overlap if centre is None else centre, shape, spacing)
@@ -226,6 +239,7 @@ class Sessions:
             original_shape=ct.shape,
             original_affine=tuple(tuple(float(v) for v in row) for row in ct.affine),
             created_at=time.time(),
+            source=None if source is None else {**source, "weights": self._engine_weights()},
         )
         limit = self.settings.max_sessions_per_key
         if not self.store.admit_session(owner or ANONYMOUS, record.id, limit):
@@ -244,6 +258,11 @@ class Sessions:
             raise
         log.info("session %s created", record.id)
         return self.answer(self.store.get_session(record.id), outcome.version)
+
+    def _engine_weights(self) -> str:
+        """The checkpoint digest of a live worker: the algorithm a DICOM output names."""
+        workers = self.queue.live_workers()
+        return str(workers[0].get("weights", "unknown")) if workers else "unknown"
 
     def _forget(self, session_id: str) -> None:
         try:
@@ -342,9 +361,15 @@ class Sessions:
         if click.voxel is not None:
             voxel = np.asarray(click.voxel)
         else:
-            voxel = np.rint(grid.world_to_voxel(np.asarray(click.world_mm, dtype=np.float64)))
+            world = patient_to_world(click.patient_mm) if click.patient_mm is not None else click.world_mm
+            voxel = np.rint(grid.world_to_voxel(np.asarray(world, dtype=np.float64)))
         if not grid.contains_voxel(voxel):
-            where = f"voxel {list(click.voxel)}" if click.voxel is not None else f"world_mm {list(click.world_mm or ())}"
+            if click.voxel is not None:
+                where = f"voxel {list(click.voxel)}"
+            elif click.patient_mm is not None:
+                where = f"patient_mm {list(click.patient_mm)}"
+            else:
+                where = f"world_mm {list(click.world_mm or ())}"
             raise errors.ClickOutsideVolume(
                 f"clicks[{index}] at {where} lies outside the working grid of shape {list(grid.shape)}"
             )
@@ -444,6 +469,11 @@ class Sessions:
         assert view.probability is not None
         on_ct = to_volume_grid(view.probability, view.grid, view.record.original_shape, affine)
         return (on_ct > 0.5).astype(np.uint8), affine
+
+
+def _vector3(values: np.ndarray) -> tuple[float, float, float]:
+    x, y, z = (float(v) for v in values)
+    return x, y, z
 
 
 def expires_iso(record: SessionRecord) -> str:

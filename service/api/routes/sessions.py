@@ -4,11 +4,27 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 
+from service.api import uploads
 from service.api.deps import OwnerDep, SessionsDep
-from service.api.schemas import ClicksIn, CreatedOut, ResultOut, SessionOut
-from service.api.sessions import SessionView, created_iso, expires_iso
+from service.api.dicom_io import (
+    DICOM_MEDIA_TYPE,
+    dicom_bytes,
+    export,
+    mask_object,
+    pull_study,
+)
+from service.api.schemas import (
+    ClicksIn,
+    CreatedOut,
+    ExportIn,
+    ExportOut,
+    ResultOut,
+    SessionOut,
+)
+from service.api.sessions import Sessions, SessionView, created_iso, expires_iso
 from service.imaging.nifti import write_nifti
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
@@ -34,21 +50,58 @@ def _etag(response: Response, view: SessionView) -> None:
     response.headers["ETag"] = f'"{view.version.version}"'
 
 
-@router.post("", status_code=201, response_model=CreatedOut, summary="Upload a CT+PET pair; get the initial mask")
-def create_session(
-    sessions: SessionsDep,
-    owner: OwnerDep,
-    response: Response,
-    ct: Annotated[UploadFile, File(description="CT in HU, NIfTI (.nii or .nii.gz)")],
-    pet: Annotated[UploadFile, File(description="PET in SUV, NIfTI (.nii or .nii.gz)")],
-    centre: Annotated[str | None, Form(description="Region centre 'x,y,z' in world mm; default: CT/PET overlap centre")] = None,
-) -> CreatedOut:
-    view = sessions.create(ct.file.read(), pet.file.read(), centre, owner)
+_UPLOAD_FORM = {
+    "type": "object",
+    "required": ["ct", "pet"],
+    "properties": {
+        "ct": {"type": "array", "items": {"type": "string", "format": "binary"},
+               "description": "CT: one NIfTI file (HU), one zip of a DICOM series, or the series' DICOM files as repeated parts"},
+        "pet": {"type": "array", "items": {"type": "string", "format": "binary"},
+                "description": "PET: one NIfTI file (SUV), one zip of a DICOM series (Bq/ml taken to SUVbw), or its files"},
+        "centre": {"type": "string", "description": "Region centre 'x,y,z' in world mm (RAS); default: found"},
+        "centre_patient_mm": {"type": "string", "description": "Region centre 'x,y,z' in DICOM patient mm (LPS)"},
+    },
+}
+_CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": _UPLOAD_FORM},
+            "application/json": {"schema": {
+                "type": "object", "required": ["dicomweb"],
+                "description": '{"dicomweb": {"study": uid, "ct_series"?: uid, "pet_series"?: uid}, '
+                               '"centre"?: [x, y, z] (RAS mm), "centre_patient_mm"?: [x, y, z] (LPS mm)}',
+            }},
+        },
+    }
+}
+
+
+@router.post("", status_code=201, response_model=CreatedOut, openapi_extra=_CREATE_BODY,
+             summary="Upload a CT+PET pair (NIfTI or DICOM), or name a study on the PACS; get the initial mask")
+async def create_session(request: Request, sessions: SessionsDep, owner: OwnerDep, response: Response) -> CreatedOut:
+    if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+        view = await _create_from_pacs(request, sessions, owner)
+    else:
+        view = await _create_from_upload(request, sessions, owner)
     response.headers["Location"] = f"/v1/sessions/{view.record.id}"
     _etag(response, view)
     return CreatedOut(
-        **view.result(), grid=view.grid_out(), original=view.original_out(), expires_at=expires_iso(view.record)
+        **view.result(), grid=view.grid_out(), original=view.original_out(), expires_at=expires_iso(view.record),
+        source=view.source_out(),
     )
+
+
+async def _create_from_upload(request: Request, sessions: Sessions, owner: str | None) -> SessionView:
+    form = await uploads.read_form(request, sessions.settings)
+    ct, pet, source = await run_in_threadpool(uploads.read_images, form.parts["ct"], form.parts["pet"], sessions.settings)
+    return await run_in_threadpool(sessions.create, ct, pet, form.centre, owner, source)
+
+
+async def _create_from_pacs(request: Request, sessions: Sessions, owner: str | None) -> SessionView:
+    study, centre = uploads.read_pacs_body(await request.body())
+    ct, pet, source = await run_in_threadpool(pull_study, study.dicomweb, sessions.settings)
+    return await run_in_threadpool(sessions.create, ct, pet, centre, owner, source)
 
 
 @router.get("/{session_id}", response_model=SessionOut, summary="Session state")
@@ -63,6 +116,7 @@ def get_session(session_id: str, sessions: SessionsDep, owner: OwnerDep, respons
         original=view.original_out(),
         created_at=created_iso(view.record),
         expires_at=expires_iso(view.record),
+        source=view.source_out(),
     )
 
 
@@ -98,16 +152,26 @@ def undo(
 @router.get(
     "/{session_id}/mask",
     response_class=Response,
-    responses={200: {"content": {NIFTI_MEDIA_TYPE: {}}, "description": "uint8 0/1 NIfTI (.nii.gz)"}},
-    summary="The current mask as NIfTI",
+    responses={200: {"content": {NIFTI_MEDIA_TYPE: {}, DICOM_MEDIA_TYPE: {}},
+                      "description": "uint8 0/1 NIfTI (.nii.gz), or an RTSTRUCT / DICOM-SEG on the source CT"}},
+    summary="The current mask as NIfTI, DICOM-SEG or RTSTRUCT",
 )
 def get_mask(
     session_id: str,
     sessions: SessionsDep,
     owner: OwnerDep,
     space: Annotated[Literal["working", "original"], Query(description="working grid or the uploaded CT's grid")] = "working",
+    format: Annotated[
+        Literal["nifti", "dicom-seg", "rtstruct"],
+        Query(description="nifti; or dicom-seg / rtstruct on the source CT series (sessions made from DICOM)"),
+    ] = "nifti",
 ) -> Response:
     record = sessions.ready_record(session_id, owner)
+    if format != "nifti":
+        view = sessions.view(record)
+        name = f"{format}-v{view.version.version}.dcm"
+        return Response(dicom_bytes(mask_object(sessions, view, format)), media_type=DICOM_MEDIA_TYPE, headers={
+            "Content-Disposition": f'attachment; filename="{name}"', "ETag": f'"{view.version.version}"'})
     view = sessions.answer(record, record.version) if space == "working" else sessions.view(record)
     mask, affine = sessions.mask_volume(view, space)
     return _nifti(write_nifti(mask, affine, dtype="uint8"), view, f"mask-{space}")
@@ -134,6 +198,11 @@ def _nifti(payload: bytes, view: SessionView, name: str) -> Response:
             "ETag": f'"{view.version.version}"',
         },
     )
+
+
+@router.post("/{session_id}/export", response_model=ExportOut, summary="Store the mask on the PACS (STOW-RS)")
+def export_mask(session_id: str, body: ExportIn, sessions: SessionsDep, owner: OwnerDep) -> ExportOut:
+    return export(sessions, sessions.view(sessions.ready_record(session_id, owner)), body.format)
 
 
 @router.delete("/{session_id}", status_code=204, response_class=Response, summary="Delete a session")
