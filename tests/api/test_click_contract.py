@@ -23,10 +23,12 @@ from service.bench.processes import free_port
 from service.store.redis_backend import GROUP
 from tests.api.conftest import service_env, start, stop, wait_ready
 
+pytestmark = pytest.mark.slow  # starts API replicas and a worker as processes
+
 
 @dataclass
 class Deployment:
-    impatient: httpx.Client  # an API that gives up after one second
+    impatient: httpx.Client  # an API that gives up at once: its jobs are always cancelled
     patient: httpx.Client
     redis: redis.Redis
     stream: str
@@ -64,7 +66,7 @@ def deployment(
     env = service_env(slow_weights, REDIS_URL=redis_url, ICR_REDIS_PREFIX=prefix, ICR_JOB_TIMEOUT_S="120")
     ports = {"impatient": free_port(), "patient": free_port()}
     apis = {
-        "impatient": start(["serve", "--port", str(ports["impatient"])], {**env, "ICR_JOB_TIMEOUT_S": "1"},
+        "impatient": start(["serve", "--port", str(ports["impatient"])], {**env, "ICR_JOB_TIMEOUT_S": "0.01"},
                            logs / "impatient.log"),
         "patient": start(["serve", "--port", str(ports["patient"])], env, logs / "patient.log"),
     }

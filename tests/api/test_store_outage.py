@@ -15,10 +15,13 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 
 from service.bench.processes import free_port, redis_server_binary
 from tests.api.conftest import service_env, start, stop, wait_ready
+
+pytestmark = pytest.mark.slow  # starts redis-server, the API and a worker as processes
 
 CLICK = {"clicks": [{"label": "foreground", "voxel": [16, 16, 16]}]}
 
