@@ -91,7 +91,12 @@ def _phantoms(args: argparse.Namespace) -> int:
 
     from service.science.phantoms import write_cases
 
-    ids = write_cases(Path(args.out), args.n, args.seed)
+    if args.field_of_view == "whole-body":
+        from service.science.wholebody import write_whole_body_cases
+
+        ids = write_whole_body_cases(Path(args.out), args.n, args.seed, scale=args.scale)
+    else:
+        ids = write_cases(Path(args.out), args.n, args.seed)
     print(f"{len(ids)} phantom cases written to {args.out}")
     return 0
 
@@ -114,10 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("out", help="output folder")
     phantoms.add_argument("-n", type=int, default=10, help="number of cases")
     phantoms.add_argument("--seed", type=int, default=0, help="seed of the set; each case derives its own")
+    phantoms.add_argument("--field-of-view", choices=["head-neck", "whole-body"], default="head-neck",
+                          help="head-neck: the HECKTOR crop; whole-body: vertex to thighs (800-1000 mm)")
+    phantoms.add_argument("--scale", type=float, default=1.0,
+                          help="whole-body only: multiply the voxel sizes (2 = coarser, 8x fewer voxels)")
     phantoms.set_defaults(run=_phantoms)
 
     for module in ("service.science.training", "service.science.evaluation", "service.science.ablation",
-                   "service.bench"):
+                   "service.science.localisation_eval", "service.bench"):
         _register(commands, module)
     return parser
 
