@@ -47,6 +47,9 @@ AIRWAY_DECAY_MM = 20.0
 LEVEL_FREE_MM = 70.0  # the oropharynx lies within this depth below the airway's top
 LEVEL_DECAY_MM = 60.0
 MAX_CANDIDATES = 12
+COVER_MARGIN = 0.3  # a window "covers" a candidate within (1 - this) of its half-edge
+COVERED_CANDIDATES = 6
+CONTENDER_RATIO = 0.4
 
 Scorer = Callable[[np.ndarray], float]
 
@@ -94,10 +97,11 @@ class Localisation:
     reason: str
     band: SearchBand
     candidates: tuple[Candidate, ...]  # best first
+    covered: tuple[int, ...] = ()  # indices into candidates that the window was placed to hold
 
     def to_dict(self) -> dict[str, Any]:
         return {"centre_mm": list(self.centre_mm), "reason": self.reason, "band": self.band.to_dict(),
-                "candidates": [c.to_dict() for c in self.candidates]}
+                "candidates": [c.to_dict() for c in self.candidates], "covered": list(self.covered)}
 
 
 @dataclass(frozen=True)
@@ -258,7 +262,7 @@ def _band(grid: WorkingGrid, anatomy: _Anatomy, suv: np.ndarray) -> tuple[Search
     top = nz - 1
     if anatomy.airway_top_index is not None:
         top = min(nz - 1, anatomy.airway_top_index + int(round(15.0 / grid.spacing_mm)))
-        excluded.append("above the airway's top")
+        excluded.append("above the airway's top (brain)")
     search = anatomy.body.copy()
     search[:, :, :low] = False
     search[:, :, top + 1:] = False
@@ -279,12 +283,36 @@ def _band(grid: WorkingGrid, anatomy: _Anatomy, suv: np.ndarray) -> tuple[Search
     return band, search
 
 
-def localise_tumour(ct: Volume, pet: Volume, *, scorer: Scorer | None = None,
+def _placement(candidates: list[Candidate], window_mm: float | None) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The window centre: on the best candidate, or, given the window's edge and a contender
+    (a candidate scoring at least CONTENDER_RATIO of the best) that a window can hold with it,
+    moved from the best candidate by the least that holds both well inside the window."""
+    best = np.asarray(candidates[0].centre_mm, dtype=np.float64)
+    if window_mm is None:
+        return best, (0,)
+    reach = window_mm / 2 * (1.0 - COVER_MARGIN)
+    for index, contender in enumerate(candidates[1:COVERED_CANDIDATES], start=1):
+        if contender.score < CONTENDER_RATIO * candidates[0].score:
+            break  # sorted by score: no later one qualifies
+        offset = np.asarray(contender.centre_mm, dtype=np.float64) - best
+        if np.any(np.abs(offset) > 2 * reach):
+            continue
+        shift = np.sign(offset) * np.maximum(np.abs(offset) - reach, 0.0)
+        point = best + shift
+        centres = np.array([c.centre_mm for c in candidates[:COVERED_CANDIDATES]], dtype=np.float64)
+        inside = np.flatnonzero(np.all(np.abs(centres - point) <= reach + 1e-6, axis=1))
+        return point, tuple(int(i) for i in inside)
+    return best, (0,)
+
+
+def localise_tumour(ct: Volume, pet: Volume, *, scorer: Scorer | None = None, window_mm: float | None = None,
                     spacing_mm: float = ANALYSIS_SPACING_MM) -> Localisation:
     """The likely centre (world RAS mm) of the primary tumour, with the candidates and the reason.
 
     ``scorer(centre_mm) -> float`` (>= 0), when given, multiplies each candidate's score:
     the engine can pass the initial ensemble's confidence in a window placed there.
+    ``window_mm``, the working window's edge, lets the centre move off the best candidate
+    so that one window holds it and other strong candidates near it.
     """
     grid = analysis_grid(ct, pet, spacing_mm)
     hu = resample(ct, grid, order=1, fill=CT_FILL_HU)
@@ -294,14 +322,18 @@ def localise_tumour(ct: Volume, pet: Volume, *, scorer: Scorer | None = None,
     candidates = _candidates(suv, search, grid, anatomy, scorer)
     if candidates:
         best = candidates[0]
+        point, covered = _placement(candidates, window_mm)
         reason = (f"highest-scoring of {len(candidates)} PET hotspot(s) in the head-and-neck band "
                   f"z {band.low_z_mm:.0f} to {band.high_z_mm:.0f} mm: peak SUV {best.peak_suv:.1f}, "
                   f"{best.volume_ml:.1f} ml")
         if best.airway_distance_mm is not None:
             reason += f", {best.airway_distance_mm:.0f} mm from the airway"
+        if len(covered) > 1 or covered[0] != 0:
+            reason += f"; window placed to hold candidates {', '.join(str(i + 1) for i in covered)}"
         if band.excluded:
             reason += f"; excluded: {', '.join(band.excluded)}"
-        return Localisation(best.centre_mm, reason, band, tuple(candidates))
+        centre = tuple(round(float(v), 1) for v in point)
+        return Localisation(centre, reason, band, tuple(candidates), covered)  # type: ignore[arg-type]
     fallback = _fallback_centre(grid, anatomy, band)
     return Localisation(fallback, "no PET hotspot above SUV "
                         f"{HOT_SUV:.1f} in the head-and-neck band; window placed on the airway at the band's middle",

@@ -49,7 +49,7 @@ def evaluate_case(case: Case, window_mm: float) -> LocalisationResult:
     ct = load_nifti_file(case.ct, role="ct")
     pet = load_nifti_file(case.pet, role="pet")
     started = time.perf_counter()
-    found = localise_tumour(ct, pet)
+    found = localise_tumour(ct, pet, window_mm=window_mm)
     seconds = time.perf_counter() - started
     truth = gtvt_centre_of_mass(case)
     offset = truth - np.asarray(found.centre_mm)
