@@ -144,10 +144,10 @@ def _read_anatomy(hu: np.ndarray, grid: WorkingGrid) -> _Anatomy:
     if occupied.size == 0:
         return _Anatomy(body, {}, None, None, None)
     top = int(occupied[-1])
-    head_reach = max(1, int(round(150.0 / grid.spacing_mm)))
+    head_reach = max(1, round(150.0 / grid.spacing_mm))
     head = top - head_reach + int(np.argmax(area[max(0, top - head_reach): top + 1]))
     head = max(head, top - head_reach)
-    neck_reach = int(round(250.0 / grid.spacing_mm))
+    neck_reach = round(250.0 / grid.spacing_mm)
     below_head = area[max(0, head - neck_reach): head + 1]
     neck = max(0, head - neck_reach) + int(np.argmin(below_head))
     wider = np.flatnonzero(area[: neck + 1] > SHOULDER_AREA_RATIO * area[neck])
@@ -261,7 +261,7 @@ def _band(grid: WorkingGrid, anatomy: _Anatomy, suv: np.ndarray) -> tuple[Search
         excluded.append("below the shoulders (heart, liver, kidneys, bowel, bladder)")
     top = nz - 1
     if anatomy.airway_top_index is not None:
-        top = min(nz - 1, anatomy.airway_top_index + int(round(15.0 / grid.spacing_mm)))
+        top = min(nz - 1, anatomy.airway_top_index + round(15.0 / grid.spacing_mm))
         excluded.append("above the airway's top (brain)")
     search = anatomy.body.copy()
     search[:, :, :low] = False
@@ -341,7 +341,7 @@ def localise_tumour(ct: Volume, pet: Volume, *, scorer: Scorer | None = None, wi
 
 
 def _fallback_centre(grid: WorkingGrid, anatomy: _Anatomy, band: SearchBand) -> tuple[float, float, float]:
-    z_index = int(round(((band.low_z_mm + band.high_z_mm) / 2 - grid.origin_mm[2]) / grid.spacing_mm))
+    z_index = round(((band.low_z_mm + band.high_z_mm) / 2 - grid.origin_mm[2]) / grid.spacing_mm)
     airway = _nearest_airway(anatomy, z_index)
     if airway is None:
         middle = grid.voxel_to_world((np.asarray(grid.shape) - 1) / 2.0)
