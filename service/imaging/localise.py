@@ -284,9 +284,9 @@ def _band(grid: WorkingGrid, anatomy: _Anatomy, suv: np.ndarray) -> tuple[Search
 
 
 def _placement(candidates: list[Candidate], window_mm: float | None) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The window centre: on the best candidate, or, given the window's edge and a contender
-    (a candidate scoring at least CONTENDER_RATIO of the best) that a window can hold with it,
-    moved from the best candidate by the least that holds both well inside the window."""
+    """The window centre: on the best candidate; or, given the window's edge, when the best
+    lies away from the airway (node-like) and a contender nearer the airway (primary-like)
+    scores at least CONTENDER_RATIO of it and fits one window with it, midway between the two."""
     best = np.asarray(candidates[0].centre_mm, dtype=np.float64)
     if window_mm is None:
         return best, (0,)
@@ -294,14 +294,12 @@ def _placement(candidates: list[Candidate], window_mm: float | None) -> tuple[np
     for index, contender in enumerate(candidates[1:COVERED_CANDIDATES], start=1):
         if contender.score < CONTENDER_RATIO * candidates[0].score:
             break  # sorted by score: no later one qualifies
-        offset = np.asarray(contender.centre_mm, dtype=np.float64) - best
-        if np.any(np.abs(offset) > 2 * reach):
+        if contender.position_score <= candidates[0].position_score:
             continue
-        shift = np.sign(offset) * np.maximum(np.abs(offset) - reach, 0.0)
-        point = best + shift
-        centres = np.array([c.centre_mm for c in candidates[:COVERED_CANDIDATES]], dtype=np.float64)
-        inside = np.flatnonzero(np.all(np.abs(centres - point) <= reach + 1e-6, axis=1))
-        return point, tuple(int(i) for i in inside)
+        other = np.asarray(contender.centre_mm, dtype=np.float64)
+        if np.any(np.abs(other - best) > 2 * reach):
+            continue
+        return (best + other) / 2, (0, index)
     return best, (0,)
 
 
