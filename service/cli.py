@@ -40,6 +40,8 @@ LAZY_COMMANDS: dict[str, LazyCommand] = {
                          "time the optimised paths against a naive baseline (engine, codec, HTTP in both modes)"),
     "weights": LazyCommand("service.engine.weights_cli",
                            "import MONAI/PyTorch member checkpoints, check an ensemble, export a MONAI Bundle"),
+    "localise-eval": LazyCommand("service.science.localisation_eval",
+                                 "hit rate of finding the tumour with no centre given (and its 0-click Dice)"),
     "loadtest": LazyCommand("service.bench.loadtest",
                             "drive N sessions x M clicks against a running deployment; errors, latencies, lost clicks"),
 }
@@ -132,7 +134,12 @@ def _phantoms(args: argparse.Namespace) -> int:
 
     from service.science.phantoms import write_cases
 
-    ids = write_cases(Path(args.out), args.n, args.seed)
+    if args.field_of_view == "whole-body":
+        from service.science.wholebody import write_whole_body_cases
+
+        ids = write_whole_body_cases(Path(args.out), args.n, args.seed, scale=args.scale)
+    else:
+        ids = write_cases(Path(args.out), args.n, args.seed)
     print(f"{len(ids)} phantom cases written to {args.out}")
     if args.dicom:
         from service.dicom.phantoms import write_dicom_cases
@@ -166,6 +173,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     phantoms.add_argument("--seed", type=int, default=0, help="seed of the set; each case derives its own")
     phantoms.add_argument("--dicom", action="store_true",
                           help="also write each case as DICOM CT and PET series with its GTVt as RTSTRUCT and SEG")
+    phantoms.add_argument("--field-of-view", choices=["head-neck", "whole-body"], default="head-neck",
+                          help="head-neck: the HECKTOR crop; whole-body: vertex to thighs (800-1000 mm)")
+    phantoms.add_argument("--scale", type=float, default=1.0,
+                          help="whole-body only: multiply the voxel sizes (2 = coarser, 8x fewer voxels)")
     phantoms.set_defaults(run=_phantoms)
 
     for name, lazy in LAZY_COMMANDS.items():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -104,6 +104,11 @@ class SessionOut(BaseModel):
     created_at: str
     expires_at: str
     source: SourceOut | None = Field(None, description="The DICOM series the session was made from; null for NIfTI.")
+    placement: dict[str, Any] | None = Field(
+        None,
+        description="Where the working window was placed (centre_mm, world RAS) and why: the given centre, or the "
+        "tumour found on PET/CT with the candidates and their scores (docs/localisation.md).",
+    )
 
 
 class ResultOut(BaseModel):
@@ -121,6 +126,11 @@ class CreatedOut(ResultOut):
     original: OriginalOut
     expires_at: str
     source: SourceOut | None = Field(None, description="The DICOM series the session was made from; null for NIfTI.")
+    placement: dict[str, Any] | None = Field(
+        None,
+        description="Where the working window was placed (centre_mm, world RAS) and why: the given centre, or the "
+        "tumour found on PET/CT with the candidates and their scores (docs/localisation.md).",
+    )
 
 
 class DicomwebStudyIn(BaseModel):

@@ -48,6 +48,7 @@ from service.imaging.grid import (
     preprocess,
     to_volume_grid,
 )
+from service.imaging.localise import localise_tumour
 from service.imaging.volume import ImageError, Volume
 from service.settings import Settings
 from service.store.codec import decode_array, decode_mask, encode_array
@@ -223,7 +224,8 @@ class Sessions:
         """A session on a CT/PET pair (see service.api.uploads.read_images); ``centre`` in world mm."""
         overlap = overlap_centre(ct, pet)
         shape, spacing = self._engine_grid()
-        grid = WorkingGrid.around(overlap if centre is None else centre, shape, spacing)
+        placement = self._place(ct, pet, centre, overlap, shape[0] * spacing)
+        grid = WorkingGrid.around(placement["centre_mm"], shape, spacing)
         if centre is not None:
             try:
                 check_centre(centre, ct, pet, grid)
@@ -240,6 +242,7 @@ class Sessions:
             original_affine=tuple(tuple(float(v) for v in row) for row in ct.affine),
             created_at=time.time(),
             source=None if source is None else {**source, "weights": self._engine_weights()},
+            placement=placement,
         )
         limit = self.settings.max_sessions_per_key
         if not self.store.admit_session(owner or ANONYMOUS, record.id, limit):
@@ -258,6 +261,23 @@ class Sessions:
             raise
         log.info("session %s created", record.id)
         return self.answer(self.store.get_session(record.id), outcome.version)
+
+    @staticmethod
+    def _place(ct: Volume, pet: Volume, centre: np.ndarray | None, overlap: np.ndarray,
+               window_mm: float) -> dict[str, Any]:
+        """Where the working window goes and why: the given centre, else the tumour found on
+        PET/CT (service.imaging.localise), else the middle of the CT/PET overlap."""
+        if centre is not None:
+            return {"centre_mm": [float(v) for v in centre], "reason": "the centre given with the request"}
+        try:
+            found = localise_tumour(ct, pet, window_mm=window_mm)
+        except (ImageError, ValueError) as error:  # a field of view the localiser cannot read
+            log.info("localisation failed (%s); window on the CT/PET overlap", type(error).__name__)
+        else:
+            if found.candidates:
+                return found.to_dict()
+        return {"centre_mm": [float(v) for v in overlap],
+                "reason": "no PET hotspot found in a head-and-neck band: the middle of the CT/PET overlap"}
 
     def _engine_weights(self) -> str:
         """The checkpoint digest of a live worker: the algorithm a DICOM output names."""

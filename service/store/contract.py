@@ -87,6 +87,7 @@ class SessionRecord:
     version: int = -1  # -1 until the initial pass has landed
     expires_at: float = 0.0
     click_count: int = 0  # clicks of the current version
+    placement: dict[str, Any] | None = None  # where the working window was placed and why
     source: dict[str, Any] | None = None  # DICOM inputs (service.dicom.source.session_source); None for NIfTI
 
     def to_json(self) -> str:

@@ -89,6 +89,7 @@ async def create_session(request: Request, sessions: SessionsDep, owner: OwnerDe
     return CreatedOut(
         **view.result(), grid=view.grid_out(), original=view.original_out(), expires_at=expires_iso(view.record),
         source=view.source_out(),
+        placement=view.record.placement,
     )
 
 
@@ -117,6 +118,7 @@ def get_session(session_id: str, sessions: SessionsDep, owner: OwnerDep, respons
         created_at=created_iso(view.record),
         expires_at=expires_iso(view.record),
         source=view.source_out(),
+        placement=view.record.placement,
     )
 
 
