@@ -17,8 +17,9 @@ from fastapi import FastAPI
 from service import __version__
 from service.api import problems
 from service.api.limits import BodyLimit
-from service.api.routes import health
+from service.api.routes import health, viewer
 from service.api.routes import sessions as session_routes
+from service.api.routes import uncertainty as uncertainty_routes
 from service.api.sessions import Sessions
 from service.engine.ensemble import Engine
 from service.engine.loading import load_engine
@@ -75,6 +76,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     problems.install(app)
     app.include_router(health.router)
     app.include_router(session_routes.router)
+    app.include_router(uncertainty_routes.router)
+    viewer.install(app)
     max_body = int(2 * settings.max_upload_mb * 2**20) + MULTIPART_OVERHEAD_BYTES
     app.add_middleware(BodyLimit, max_bytes=max_body)
     return app

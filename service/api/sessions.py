@@ -17,7 +17,15 @@ from datetime import datetime, timezone
 import numpy as np
 
 from service.api.problems import Problem
-from service.api.schemas import ClickIn, ClickOut, GridOut, MaskSummary, OriginalOut
+from service.api.schemas import (
+    ClickIn,
+    ClickOut,
+    GridOut,
+    MaskSummary,
+    OriginalOut,
+    UncertaintyOut,
+)
+from service.engine.uncertainty import Uncertainty, decode_summary
 from service.imaging.grid import WorkingGrid, overlap_centre, preprocess, to_volume_grid
 from service.imaging.nifti import read_nifti
 from service.imaging.volume import ImageError
@@ -66,6 +74,7 @@ class SessionView:
     version: VersionRecord
     grid: WorkingGrid
     probability: np.ndarray | None = None
+    uncertainty: Uncertainty | None = None
 
     def clicks_out(self) -> list[ClickOut]:
         return [
@@ -103,6 +112,15 @@ class SessionView:
             bbox_max=tuple(int(v) for v in high),
         )
 
+    def uncertainty_out(self) -> UncertaintyOut | None:
+        if self.uncertainty is None:
+            return None
+        data = self.uncertainty.to_dict()
+        click = self.uncertainty.suggested_click
+        if click is not None:
+            data["suggested_click"]["world_mm"] = tuple(float(v) for v in self.grid.voxel_to_world(click.voxel))
+        return UncertaintyOut(**data)
+
     def result(self) -> dict:
         return {
             "id": self.record.id,
@@ -110,6 +128,7 @@ class SessionView:
             "clicks": self.clicks_out(),
             "summary": self.summary(),
             "mask": encode_mask(self.mask()),
+            "uncertainty": self.uncertainty_out(),
         }
 
 
@@ -142,11 +161,13 @@ class Sessions:
         try:
             version_record = self.store.get_version(record.id, number)
             probability = decode_array(self.store.load_probability(record.id, number)) if with_probability else None
+            blob = self.store.load_uncertainty(record.id, number) if with_probability else None
         except SessionGone as error:
             raise Problem(410, "session-gone", "session was deleted or has expired") from error
         except SessionNotFound as error:
             raise Problem(404, "version-not-found", f"session has no version {number}") from error
-        return SessionView(record, version_record, WorkingGrid.from_dict(record.grid), probability)
+        uncertainty = None if blob is None else decode_summary(blob)
+        return SessionView(record, version_record, WorkingGrid.from_dict(record.grid), probability, uncertainty)
 
     # -- creating -----------------------------------------------------------------
     def _engine_grid(self) -> tuple[tuple[int, int, int], float]:

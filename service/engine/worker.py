@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.ensemble import Engine
+from service.engine.ensemble import Engine, Pass
+from service.engine.guarantee import honour_radius_voxels
+from service.engine.uncertainty import encode_uncertainty, summarise, votes_after_clicks
 from service.store.codec import decode_array, encode_probability
 from service.store.contract import (
     CommitResult,
@@ -152,17 +154,26 @@ class Worker:
         images = self._session_images(job.session_id)
         version = job.base_version + 1
         if job.kind == "initial":
-            probability = self.engine.initial_probability(images)
+            result_pass = self.engine.initial_pass(images)
             parent = None
         else:
             base = self.store.get_version(job.session_id, job.base_version)
             previous = decode_array(self.store.load_probability(job.session_id, job.base_version))
             new_clicks = len(job.clicks) - len(base.clicks)  # a refinement window goes around these
-            probability = self.engine.refine(images, previous, job.clicks, new_clicks=new_clicks)
+            result_pass = self.engine.refine_pass(images, previous, job.clicks, new_clicks=new_clicks)
             parent = job.base_version
+        probability = result_pass.probability
         record = VersionRecord(
             version=version, parent=parent, clicks=job.clicks, job_id=job.id, probability_of=version
         )
-        result = self.store.commit_version(job.session_id, job.base_version, record, encode_probability(probability))
+        result = self.store.commit_version(
+            job.session_id, job.base_version, record, encode_probability(probability), self._uncertainty(job, result_pass)
+        )
         status = _OUTCOMES[result]
         return JobOutcome(job.id, status, version=version if status is OutcomeStatus.DONE else None)
+
+    def _uncertainty(self, job: Job, result_pass: Pass) -> bytes:
+        """The members' disagreement kept with the version (:mod:`service.engine.uncertainty`)."""
+        spacing = self.engine.checkpoint.spacing_mm
+        votes = votes_after_clicks(result_pass.votes, result_pass.members, job.clicks, honour_radius_voxels(spacing))
+        return encode_uncertainty(votes, summarise(votes, result_pass.members, result_pass.probability, spacing))

@@ -180,12 +180,22 @@ class SessionStore(abc.ABC):
         """The probability blob of ``version`` (following ``probability_of``)."""
 
     @abc.abstractmethod
+    def load_uncertainty(self, session_id: str, version: int) -> bytes | None:
+        """The uncertainty blob stored with ``version``'s probability; None if it has none."""
+
+    @abc.abstractmethod
     def commit_version(
-        self, session_id: str, base_version: int, record: VersionRecord, probability: bytes | None
+        self,
+        session_id: str,
+        base_version: int,
+        record: VersionRecord,
+        probability: bytes | None,
+        uncertainty: bytes | None = None,
     ) -> CommitResult:
         """Atomically make ``record`` current if ``base_version`` is still current.
 
-        ``probability`` is None when the record reuses an older blob (undo)."""
+        ``probability`` is None when the record reuses an older blob (undo); ``uncertainty``
+        (the members' disagreement, :mod:`service.engine.uncertainty`) is kept beside it."""
 
     @abc.abstractmethod
     def claim_idempotency(self, session_id: str, key: str) -> str | None:

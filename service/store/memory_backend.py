@@ -34,6 +34,7 @@ class _Session:
     images: bytes
     versions: dict[int, VersionRecord] = field(default_factory=dict)
     blobs: dict[int, bytes] = field(default_factory=dict)
+    uncertainty: dict[int, bytes] = field(default_factory=dict)
     idempotency: dict[str, str] = field(default_factory=dict)
 
 
@@ -112,8 +113,20 @@ class MemoryStore(SessionStore, JobQueue):
                 raise SessionNotFound(f"{session_id} has no version {version}")
             return session.blobs[session.versions[version].probability_of]
 
+    def load_uncertainty(self, session_id: str, version: int) -> bytes | None:
+        with self._lock:
+            session = self._live(session_id, touch=False)
+            if version not in session.versions:
+                raise SessionNotFound(f"{session_id} has no version {version}")
+            return session.uncertainty.get(session.versions[version].probability_of)
+
     def commit_version(
-        self, session_id: str, base_version: int, record: VersionRecord, probability: bytes | None
+        self,
+        session_id: str,
+        base_version: int,
+        record: VersionRecord,
+        probability: bytes | None,
+        uncertainty: bytes | None = None,
     ) -> CommitResult:
         with self._lock:
             try:
@@ -127,6 +140,8 @@ class MemoryStore(SessionStore, JobQueue):
                 return CommitResult.STALE
             if probability is not None:
                 session.blobs[record.version] = probability
+            if uncertainty is not None:
+                session.uncertainty[record.version] = uncertainty
             session.versions[record.version] = record
             session.record = dataclasses.replace(session.record, version=record.version)
             return CommitResult.COMMITTED

@@ -4,7 +4,8 @@ Keys (``{p}`` is the configured prefix, ``{id}`` a session id):
 
 - ``{p}:s:{id}:meta``      hash: ``record`` (SessionRecord JSON), ``version`` (int)
 - ``{p}:s:{id}:images``    preprocessed images blob
-- ``{p}:s:{id}:versions``  hash: ``{k}`` VersionRecord JSON, ``blob:{k}`` probability blob
+- ``{p}:s:{id}:versions``  hash: ``{k}`` VersionRecord JSON, ``blob:{k}`` probability blob,
+  ``uncertainty:{k}`` the members' disagreement blob (optional)
 - ``{p}:s:{id}:idem``      hash: Idempotency-Key -> "pending" or the stored outcome
 - ``{p}:s:{id}:known``     "live" or "deleted"; outlives the session to tell 410 from 404
 - ``{p}:jobs``             stream of jobs, consumer group ``engines``
@@ -49,6 +50,7 @@ local landed = redis.call('HGET', KEYS[2], ARGV[2])
 if landed and cjson.decode(landed)['job_id'] == ARGV[4] then return 'duplicate' end
 if tonumber(current) ~= tonumber(ARGV[1]) then return 'stale' end
 if ARGV[5] == '1' then redis.call('HSET', KEYS[2], 'blob:' .. ARGV[2], ARGV[6]) end
+if ARGV[7] == '1' then redis.call('HSET', KEYS[2], 'uncertainty:' .. ARGV[2], ARGV[8]) end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 redis.call('HSET', KEYS[1], 'version', ARGV[2])
 local ttl = redis.call('PTTL', KEYS[1])
@@ -159,8 +161,18 @@ class RedisStore(SessionStore, JobQueue):
             raise self._missing(session_id)
         return bytes(blob)
 
+    def load_uncertainty(self, session_id: str, version: int) -> bytes | None:
+        record = self.get_version(session_id, version)
+        blob = self._redis.hget(self._key(session_id, "versions"), f"uncertainty:{record.probability_of}")
+        return None if blob is None else bytes(blob)
+
     def commit_version(
-        self, session_id: str, base_version: int, record: VersionRecord, probability: bytes | None
+        self,
+        session_id: str,
+        base_version: int,
+        record: VersionRecord,
+        probability: bytes | None,
+        uncertainty: bytes | None = None,
     ) -> CommitResult:
         result = self._commit(
             keys=[self._key(session_id, "meta"), self._key(session_id, "versions")],
@@ -171,6 +183,8 @@ class RedisStore(SessionStore, JobQueue):
                 record.job_id,
                 "1" if probability is not None else "0",
                 probability if probability is not None else b"",
+                "1" if uncertainty is not None else "0",
+                uncertainty if uncertainty is not None else b"",
             ],
         )
         return CommitResult(result.decode())
