@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.set_defaults(run=_phantoms)
 
     for module in ("service.science.training", "service.science.evaluation", "service.science.ablation",
-                   "service.bench"):
+                   "service.science.suggestion_eval", "service.bench"):
         _register(commands, module)
     return parser
 

@@ -34,7 +34,7 @@ from scipy import ndimage
 
 from service.engine.guarantee import honour_clicks
 from service.store.codec import CodecError, decode_array, encode_array
-from service.store.contract import Click
+from service.store.contract import Click, ClickLabel
 
 MAGIC = b"ICRU"
 
@@ -88,7 +88,7 @@ def suggested_click(votes: np.ndarray, members: int, probability: np.ndarray) ->
     depth = ndimage.distance_transform_edt(np.pad(largest[box], 1))[1:-1, 1:-1, 1:-1]
     local = np.unravel_index(int(np.argmax(depth)), depth.shape)
     i, j, k = (int(b.start) + int(v) for b, v in zip(box, local))
-    label = "background" if probability[i, j, k] > 0.5 else "foreground"
+    label: ClickLabel = "background" if probability[i, j, k] > 0.5 else "foreground"
     return Click(label=label, voxel=(i, j, k))
 
 

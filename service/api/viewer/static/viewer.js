@@ -343,7 +343,7 @@ function onPointerUp(event) {
 }
 
 function onKey(event) {
-  if (event.target.closest("input, select, textarea")) return;
+  if (event.target.closest("select, textarea, input[type=text], input[type=password], input[type=number]")) return;
   const key = event.key.toLowerCase();
   if (key === "f") state.mode = "foreground";
   else if (key === "b") state.mode = "background";
