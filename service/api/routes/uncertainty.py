@@ -6,14 +6,13 @@ from fastapi import APIRouter, Response
 
 from service.api.deps import OwnerDep, SessionsDep
 from service.api.problems import Problem
+from service.api.routes.sessions import NIFTI_MEDIA_TYPE
 from service.engine.uncertainty import decode_votes
 from service.imaging.grid import WorkingGrid
 from service.imaging.nifti import write_nifti
 from service.store.contract import SessionGone
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
-
-NIFTI_MEDIA_TYPE = "application/gzip"
 
 
 @router.get(
