@@ -16,14 +16,11 @@ const nv = new Niivue({
 });
 // One annotation overlay on the working grid: the mask, the clicks and the suggested click.
 const MARK = { mask: 1, foreground: 2, background: 3, suggestion: 4 };
-function annotationColours(maskAlpha) {
-  // value v of 0..4 sits at 255 * v / 4 of the colour map
-  nv.addColormap("icr-annotation", {
-    R: [0, 255, 60, 70, 255], G: [0, 40, 230, 150, 230], B: [0, 40, 60, 255, 0],
-    A: [0, maskAlpha, 255, 255, 255], I: [0, 64, 128, 191, 255],
-  });
-}
-annotationColours(255);
+// value v of 0..4 sits at 255 * v / 4 of the colour map
+nv.addColormap("icr-annotation", {
+  R: [0, 255, 60, 70, 255], G: [0, 40, 230, 150, 230], B: [0, 40, 60, 255, 0],
+  A: [0, 255, 255, 255, 255], I: [0, 64, 128, 191, 255],
+});
 
 const state = {
   ct: null, pet: null, // NVImages of the chosen (or cached) files
@@ -124,36 +121,34 @@ function annotation() {
   return paintBalls(values, grid.shape, points);
 }
 
-async function showOverlays() {
+// one NiiVue update for the annotation (and the disagreement, when shown): each update
+// recomposes every layer, which is what a click costs the browser
+async function showOverlays(disagreement = null) {
   const { overlays } = state;
-  annotationColours($("mask-style").value === "fill" ? 110 : 255);
-  if (!overlays.annotation) {
-    overlays.annotation = await gridImage(state.session.grid, annotation(), "annotation", "icr-annotation", 1, 4);
-    await rebuildScene();
-  } else {
-    overlays.annotation.img.set(annotation());
-    overlays.annotation.colormap = "icr-annotation";
-    nv.updateGLVolume();
-  }
+  let rebuild = !overlays.annotation;
+  if (rebuild) overlays.annotation = await gridImage(state.session.grid, annotation(), "annotation", "icr-annotation", 1, 4);
+  else overlays.annotation.img.set(annotation());
+  overlays.annotation.opacity = $("mask-style").value === "fill" ? 0.5 : 1;
+  if (disagreement && overlays.uncertainty) overlays.uncertainty.img.set(disagreement.img);
+  else if (disagreement) [overlays.uncertainty, rebuild] = [disagreement, true];
+  if (rebuild) await rebuildScene();
+  else nv.updateGLVolume();
 }
 
-async function refreshUncertainty() {
+// members voting foreground -> disagreement: 0 where all agree, up to members / 2
+async function loadDisagreement() {
   const s = state.session;
-  if (!s) return;
-  const wanted = $("show-uncertainty").checked;
-  if (wanted) {
-    const image = await niftiImage(await api.bytes(`/v1/sessions/${s.id}/uncertainty`), "uncertainty", "violet", 0.6, 0, 1);
-    const members = state.members || Math.max(...image.img);
-    // members voting foreground -> disagreement: 0 where all agree, up to members / 2
-    image.img = Uint8Array.from(image.img, (v) => Math.min(v, members - v));
-    image.cal_min = 0;
-    image.cal_max = Math.max(1, Math.floor(members / 2));
-    state.overlays.uncertainty = image;
-  } else if (!state.overlays.uncertainty) {
-    return;
-  } else {
-    state.overlays.uncertainty = null;
-  }
+  const image = await niftiImage(await api.bytes(`/v1/sessions/${s.id}/uncertainty`), "uncertainty", "violet", 0.6, 0, 1);
+  const members = state.members || Math.max(...image.img);
+  image.img = Uint8Array.from(image.img, (v) => Math.min(v, members - v));
+  image.cal_min = 0;
+  image.cal_max = Math.max(1, Math.floor(members / 2));
+  return image;
+}
+
+async function toggleUncertainty() {
+  if (!state.session) return;
+  state.overlays.uncertainty = $("show-uncertainty").checked ? await loadDisagreement() : null;
   await rebuildScene();
 }
 
@@ -168,8 +163,7 @@ async function applyResult(result) {
   state.members = uncertainty ? uncertainty.members : state.members;
   $("uncertain").textContent = uncertainty ? uncertainty.uncertain_ml.toFixed(2) : "-";
   showSession(result.summary.volume_ml);
-  await showOverlays();
-  if ($("show-uncertainty").checked) await refreshUncertainty();
+  await showOverlays($("show-uncertainty").checked ? await loadDisagreement() : null);
 }
 
 function showSession(volumeMl) {
@@ -290,8 +284,7 @@ async function resume(id) {
       state.pet = await NVImage.loadFromFile({ file: files.pet, name: files.pet.name, colormap: "hot", opacity: 0.5 });
     }
     showSession((voxelCount(state.mask) * session.grid.spacing_mm ** 3) / 1000);
-    await showOverlays();
-    await rebuildScene();
+    await showOverlays($("show-uncertainty").checked ? await loadDisagreement() : null);
   });
 }
 
@@ -389,7 +382,7 @@ async function main() {
   $("download").addEventListener("click", download);
   for (const id of ["ct-window", "suv-min", "suv-max", "pet-opacity"]) $(id).addEventListener("input", applyWindows);
   $("mask-style").addEventListener("change", () => state.mask && showOverlays());
-  $("show-uncertainty").addEventListener("change", () => run(refreshUncertainty));
+  $("show-uncertainty").addEventListener("change", () => run(toggleUncertainty));
   for (const format of await api.maskFormats()) {
     if (format === "nifti") continue;
     const option = new Option(format === "dicom-seg" ? "DICOM-SEG" : format.toUpperCase(), format);
