@@ -34,6 +34,8 @@ API_KEY = "viewer-key"
 DEMO_WEIGHTS = Path(__file__).resolve().parents[2] / "service" / "weights" / "demo"
 ENGINE_WAIT_MS = 600_000  # a 2-core CI machine runs the demo ensemble on one thread
 
+pytestmark = pytest.mark.slow  # starts `icr serve` and a browser
+
 
 def _playwright():  # type: ignore[no-untyped-def]
     if not CHROMIUM.exists():
