@@ -187,3 +187,14 @@ def test_worker_heartbeats(store: MemoryStore | RedisStore) -> None:
     assert store.live_workers() == []
     store.heartbeat("w1", {"name": "w1", "device": "cpu"})
     assert store.live_workers() == [{"name": "w1", "device": "cpu"}]
+
+
+def test_uncertainty_is_kept_with_its_version_and_followed_by_undo(store: MemoryStore | RedisStore) -> None:
+    record = store.create_session(_record(), b"images")
+    assert store.commit_version(record.id, -1, _version(0, None), b"p0", b"u0") is CommitResult.COMMITTED
+    assert store.commit_version(record.id, 0, _version(1, 0), b"p1") is CommitResult.COMMITTED
+    undo = VersionRecord(version=2, parent=None, clicks=(), job_id="undo", probability_of=0)
+    assert store.commit_version(record.id, 1, undo, None) is CommitResult.COMMITTED
+    assert store.load_uncertainty(record.id, 0) == b"u0"
+    assert store.load_uncertainty(record.id, 1) is None  # committed without one
+    assert store.load_uncertainty(record.id, 2) == b"u0"  # the undo's blobs are version 0's
