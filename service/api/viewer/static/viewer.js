@@ -200,6 +200,10 @@ function chooseFiles() {
   const pet = $("pet-file").files[0];
   refreshControls();
   if (!ct || !pet) return;
+  if ([ct, pet].some((file) => file.name.toLowerCase().endsWith(".zip"))) {
+    state.ct = state.pet = null; // a DICOM zip: the service reads it, NiiVue's preview cannot
+    return;
+  }
   run(async () => {
     try {
       await loadImages(ct, pet);
