@@ -19,9 +19,10 @@ from fastapi import FastAPI
 from service import __version__
 from service.api import observability, problems
 from service.api.limits import BodyLimit
-from service.api.routes import health
+from service.api.routes import health, viewer
 from service.api.routes import metrics as metrics_routes
 from service.api.routes import sessions as session_routes
+from service.api.routes import uncertainty as uncertainty_routes
 from service.api.sessions import Sessions
 from service.settings import Settings
 from service.store.contract import JobQueue, SessionStore
@@ -93,6 +94,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics_routes.router)
     app.include_router(session_routes.router)
+    app.include_router(uncertainty_routes.router)
+    viewer.install(app)
     max_body = int(2 * settings.max_upload_mb * 2**20) + MULTIPART_OVERHEAD_BYTES
     app.add_middleware(BodyLimit, upload_bytes=max_body)
     observability.install(app)  # last: the outermost layer, so it sees every answer

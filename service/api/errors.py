@@ -59,6 +59,10 @@ class NoRefinementStage(ServiceError):
     """The served weights have no refinement stage (an initial-only checkpoint): clicks cannot be applied."""
 
 
+class UncertaintyNotAvailable(ServiceError):
+    """The version was computed without the members' votes."""
+
+
 class RequestInFlight(ServiceError):
     """A request with the same Idempotency-Key is still running."""
 

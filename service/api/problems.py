@@ -52,6 +52,7 @@ PROBLEMS: dict[type[Exception], tuple[int, str, str | None]] = {
     errors.VersionConflict: (409, "version-conflict", None),
     errors.NothingToUndo: (409, "nothing-to-undo", None),
     errors.NoRefinementStage: (409, "no-refinement-stage", None),
+    errors.UncertaintyNotAvailable: (409, "uncertainty-not-available", None),
     errors.RequestInFlight: (409, "request-in-flight", None),
     errors.VersionMismatch: (412, "version-mismatch", None),
     errors.QuotaExceeded: (429, "quota-exceeded", None),

@@ -95,6 +95,23 @@ class EncodedMask(BaseModel):
     data: str = Field(description="base64 of zlib-compressed numpy.packbits of the C-order flattened mask.")
 
 
+class SuggestedClickOut(BaseModel):
+    label: Literal["foreground", "background"]
+    voxel: Index3
+    world_mm: Vector3
+
+
+class UncertaintyOut(BaseModel):
+    """Where the ensemble's members disagree (service/engine/uncertainty.py gives the rules)."""
+
+    members: int
+    uncertain_voxels: int = Field(description="Working-grid voxels where some but not all members vote foreground.")
+    uncertain_ml: float
+    suggested_click: SuggestedClickOut | None = Field(
+        description="A click into the largest region where the members disagree; null when they all agree."
+    )
+
+
 class SessionOut(BaseModel):
     id: str
     version: int
@@ -119,6 +136,7 @@ class ResultOut(BaseModel):
     clicks: list[ClickOut]
     summary: MaskSummary
     mask: EncodedMask
+    uncertainty: UncertaintyOut | None = Field(None, description="Null for versions computed without it.")
 
 
 class CreatedOut(ResultOut):

@@ -39,6 +39,7 @@ from service.api.schemas import (
     SeriesOut,
     SourceOut,
     SuvOut,
+    UncertaintyOut,
 )
 from service.imaging.frames import patient_to_world, world_to_patient
 from service.imaging.grid import (
@@ -153,14 +154,27 @@ class SessionView:
         assert self.probability is not None
         return self.probability > 0.5
 
+    def uncertainty_out(self) -> UncertaintyOut | None:
+        """The members' disagreement, from the version's summary (None for versions without one)."""
+        data = self.version.summary.get("uncertainty")
+        if data is None:
+            return None
+        data = {**data}
+        if data["suggested_click"] is not None:
+            click = {**data["suggested_click"]}
+            click["world_mm"] = tuple(float(v) for v in self.grid.voxel_to_world(click["voxel"]))
+            data["suggested_click"] = click
+        return UncertaintyOut(**data)
+
     def result(self) -> dict[str, Any]:
         assert self.mask_wire is not None
         return {
             "id": self.record.id,
             "version": self.version.version,
             "clicks": self.clicks_out(),
-            "summary": MaskSummary(**self.version.summary),
+            "summary": MaskSummary(**{k: v for k, v in self.version.summary.items() if k != "uncertainty"}),
             "mask": self.mask_wire,
+            "uncertainty": self.uncertainty_out(),
         }
 
 

@@ -54,6 +54,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One ensemble pass: the mean probability and how many members vote foreground per voxel."""
+
+    probability: np.ndarray  # (D, H, W) float32
+    votes: np.ndarray  # (D, H, W) uint8, members whose sigmoid > 0.5
+    members: int
+
+
 @dataclass
 class Ensemble:
     """Members run back to back on one device; ``autocast`` lowers their precision."""
@@ -71,13 +80,21 @@ class Ensemble:
 
     def probability(self, inputs: np.ndarray) -> np.ndarray:
         """(C, D, H, W) inputs -> (D, H, W) float32 mean of member sigmoids."""
+        return self.run(inputs).probability
+
+    def run(self, inputs: np.ndarray) -> Pass:
+        """The mean of member sigmoids and the members' foreground votes, from one pass."""
         batch = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))[None].to(self.device)
         batch = batch.contiguous(memory_format=self.memory_format)
         total = torch.zeros(batch.shape[2:], dtype=torch.float32, device=self.device)
+        votes = torch.zeros(batch.shape[2:], dtype=torch.uint8, device=self.device)
         with device_lock(self.device), inference(self.device, self.autocast):
             for member in self.members:
-                total += torch.sigmoid(member(batch))[0, 0].float()
-        return (total / len(self.members)).cpu().numpy()
+                member_probability = torch.sigmoid(member(batch))[0, 0].float()
+                total += member_probability
+                votes += member_probability > 0.5
+        probability = (total / len(self.members)).cpu().numpy()
+        return Pass(probability, votes.cpu().numpy(), len(self.members))
 
 
 class NoRefinementStage(RuntimeError):
@@ -139,6 +156,9 @@ class Engine:
     def initial_probability(self, images: np.ndarray) -> np.ndarray:
         return self.initial.probability(images)
 
+    def initial_pass(self, images: np.ndarray) -> Pass:
+        return self.initial.run(images)
+
     def refine(
         self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None
     ) -> np.ndarray:
@@ -149,16 +169,27 @@ class Engine:
         which is always safe but widens the window as clicks accumulate.
         Raises :class:`NoRefinementStage` on an initial-only checkpoint.
         """
+        return self.refine_pass(images, previous, clicks, new_clicks=new_clicks).probability
+
+    def refine_pass(
+        self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None
+    ) -> Pass:
+        """:meth:`refine` with the members' votes; outside a refinement window, where no member
+        ran, the votes are unanimous for the previous mask."""
         refinement = self.refinement_stage()
         guidance = click_maps(clicks, previous.shape, self.checkpoint.click_sigma_voxels)
         window = self._window(clicks, new_clicks, previous.shape)
         if window is None:
-            return refinement.probability(np.concatenate([images, previous[None], guidance], axis=0))
+            return refinement.run(np.concatenate([images, previous[None], guidance], axis=0))
         box = (slice(None), *window.inputs)
         inputs = np.concatenate([images[box], previous[None][box], guidance[box]], axis=0)
-        result = np.array(previous, dtype=np.float32, copy=True)
-        result[window.kept] = refinement.probability(inputs)[window.kept_in_window]
-        return result
+        inside = refinement.run(inputs)
+        members = inside.members
+        probability = np.array(previous, dtype=np.float32, copy=True)
+        votes = np.where(previous > 0.5, members, 0).astype(np.uint8)
+        probability[window.kept] = inside.probability[window.kept_in_window]
+        votes[window.kept] = inside.votes[window.kept_in_window]
+        return Pass(probability, votes, members)
 
     def _window(self, clicks: Sequence[Click], new_clicks: int | None, shape: Sequence[int]) -> Window | None:
         if self.window_plan is None or not clicks:

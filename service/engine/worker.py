@@ -31,9 +31,11 @@ from service import logs, metrics
 from service.engine.ensemble import Engine
 from service.engine.guarantee import honour_clicks, honour_radius_voxels
 from service.engine.outputs import version_blobs
+from service.engine.uncertainty import encode_uncertainty, summarise, votes_after_clicks
 from service.store.codec import decode_array
 from service.store.contract import (
     BLOB_PROBABILITY,
+    BLOB_UNCERTAINTY,
     Click,
     CommitResult,
     Job,
@@ -195,19 +197,25 @@ class Worker:
         clicks: tuple[Click, ...] = ()
         started = time.perf_counter()
         if job.kind == "initial":
-            probability = self.engine.initial_probability(images)
+            result_pass = self.engine.initial_pass(images)
             parent = None
         else:
             base = self.store.load_blob(job.session_id, job.base_version, BLOB_PROBABILITY)
             previous = decode_array(base.blob)
             clicks = base.record.clicks + job.new_clicks
-            probability = self.engine.refine(images, previous, clicks, new_clicks=len(job.new_clicks))
+            result_pass = self.engine.refine_pass(images, previous, clicks, new_clicks=len(job.new_clicks))
             parent = job.base_version
         spacing = self.engine.checkpoint.spacing_mm
+        probability, votes = result_pass.probability, result_pass.votes
         if self.honour_clicks:
-            probability = honour_clicks(probability, clicks, honour_radius_voxels(spacing))
+            radius = honour_radius_voxels(spacing)
+            probability = honour_clicks(probability, clicks, radius)
+            votes = votes_after_clicks(votes, result_pass.members, clicks, radius)
         encoding = time.perf_counter()
         blobs, summary = version_blobs(probability, spacing)
+        disagreement = summarise(votes, result_pass.members, probability, spacing)
+        blobs[BLOB_UNCERTAINTY] = encode_uncertainty(votes, disagreement)
+        summary["uncertainty"] = disagreement.to_dict()
         record = VersionRecord(
             version=version, parent=parent, clicks=clicks, job_id=job.id, probability_of=version, summary=summary
         )

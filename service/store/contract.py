@@ -34,6 +34,7 @@ WORKER_TTL_S = 6.0  # a worker unseen for this long (three missed heartbeats) co
 OUTCOME_TTL_S = 600.0  # how long a finished job's wake-up waits for the request that asked for it
 BLOB_PROBABILITY = "probability"
 BLOB_MASK = "mask"
+BLOB_UNCERTAINTY = "uncertainty"  # the members' votes (service.engine.uncertainty)
 
 
 class StoreError(Exception):

@@ -121,7 +121,10 @@ class MemoryStore(SessionStore, JobQueue):
         with self._lock:
             session = self._live(session_id, touch=False)
             record = self._version(session, version)
-            return VersionBlob(record, session.blobs[(name, record.probability_of)])
+            blob = session.blobs.get((name, record.probability_of))
+            if blob is None:
+                raise SessionNotFound(f"{session_id} version {version} has no {name}")
+            return VersionBlob(record, blob)
 
     def commit_version(
         self,

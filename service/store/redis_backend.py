@@ -4,8 +4,8 @@ Keys (``{p}`` is the configured prefix, ``{id}`` a session id):
 
 - ``{p}:s:{id}:meta``      hash: ``record`` (SessionRecord JSON), ``version`` (int)
 - ``{p}:s:{id}:images``    preprocessed images blob
-- ``{p}:s:{id}:versions``  hash: ``{k}`` VersionRecord JSON, ``probability:{k}`` and
-                           ``mask:{k}`` the version's blobs
+- ``{p}:s:{id}:versions``  hash: ``{k}`` VersionRecord JSON, ``probability:{k}``,
+                           ``mask:{k}`` and ``uncertainty:{k}`` the version's blobs
 - ``{p}:s:{id}:jobs``      hash: job id -> JobOutcome JSON (its state: queued or terminal)
 - ``{p}:s:{id}:idem``      hash: Idempotency-Key -> Binding JSON (the job it started)
 - ``{p}:s:{id}:known``     "live" or "deleted"; outlives the session to tell 410 from 404
@@ -279,8 +279,10 @@ class RedisStore(SessionStore, JobQueue):
         if record.probability_of != version:  # an undo shows an older version's blobs
             blob = self._redis.hget(versions, f"{name}:{record.probability_of}")
         if blob is None:
-            raise self._missing(session_id)
-        return VersionBlob(record, bytes(blob))
+            if not self._redis.exists(self._key(session_id, "meta")):
+                raise self._missing(session_id)
+            raise SessionNotFound(f"{session_id} version {version} has no {name}")
+        return VersionBlob(record, bytes(cast(bytes, blob)))
 
     @_reachable
     def commit_version(

@@ -16,6 +16,7 @@ from service.store.codec import decode_array, decode_mask
 from service.store.contract import (
     BLOB_MASK,
     BLOB_PROBABILITY,
+    BLOB_UNCERTAINTY,
     Click,
     CommitResult,
     IdempotencyClaim,
@@ -317,3 +318,16 @@ def test_an_unreachable_redis_is_a_store_error_in_bounded_time() -> None:
         store.live_workers()
     assert not store.ping()
     assert time.monotonic() - started < 10  # a bound, not a benchmark: a hang would never end
+
+
+def test_uncertainty_is_kept_with_its_version_and_followed_by_undo(store: MemoryStore | RedisStore) -> None:
+    record = store.create_session(_record(), b"images")
+    blobs = {BLOB_PROBABILITY: b"p0", BLOB_UNCERTAINTY: b"u0"}
+    assert store.commit_version(record.id, -1, _version(0, None), blobs) is CommitResult.COMMITTED
+    assert store.commit_version(record.id, 0, _version(1, 0, job="k"), {BLOB_PROBABILITY: b"p1"}) is CommitResult.COMMITTED
+    undo = VersionRecord(version=2, parent=None, clicks=(), job_id="undo", probability_of=0)
+    assert store.commit_version(record.id, 1, undo, {}) is CommitResult.COMMITTED
+    assert store.load_blob(record.id, 0, BLOB_UNCERTAINTY).blob == b"u0"
+    with pytest.raises(SessionNotFound):
+        store.load_blob(record.id, 1, BLOB_UNCERTAINTY)  # committed without one
+    assert store.load_blob(record.id, 2, BLOB_UNCERTAINTY).blob == b"u0"  # the undo's blobs are version 0's

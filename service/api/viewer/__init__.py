@@ -1,0 +1,1 @@
+"""The browser viewer's static files (``static/``): the page and the vendored NiiVue."""
