@@ -74,7 +74,7 @@ def _phantoms(args: argparse.Namespace) -> int:
 
     from service.science.phantoms import write_cases
 
-    ids = write_cases(Path(args.out), args.n, args.seed)
+    ids = write_cases(Path(args.out), args.n, args.seed, variety=args.variety)
     print(f"{len(ids)} phantom cases written to {args.out}")
     return 0
 
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("out", help="output folder")
     phantoms.add_argument("-n", type=int, default=10, help="number of cases")
     phantoms.add_argument("--seed", type=int, default=0, help="seed of the set; each case derives its own")
+    phantoms.add_argument("--variety", choices=("classic", "wide"), default="classic",
+                          help="classic: the original generator (sets made before are unchanged); wide: tumour volume, "
+                          "uptake, necrosis, field-of-view edge, body size, CT noise and kernel, PET resolution varied")
     phantoms.set_defaults(run=_phantoms)
 
     for module in ("service.science.training", "service.science.evaluation", "service.science.ablation",
