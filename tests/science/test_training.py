@@ -246,3 +246,58 @@ def test_a_net_from_scratch_starts_at_the_output_prior(config: str) -> None:
     assert 0.002 < after < 0.05  # near the prior (the residual path adds its own small offset)
     with pytest.raises(ValueError, match="output prior"):
         start_from_prior(net, 1.0)
+
+
+def test_click_balls_cover_the_voxels_near_each_click() -> None:
+    from service.science.training_samples import click_balls
+    from service.store.contract import Click
+
+    balls = click_balls([Click("foreground", (4, 4, 4))], (9, 9, 9), 1.5)
+    assert balls.sum() == 1 + 6 + 12 and balls[4, 4, 4] and not balls[5, 5, 5]  # distances 0, 1 and sqrt(2)
+    corner = click_balls([Click("background", (0, 0, 0)), Click("foreground", (8, 8, 8))], (9, 9, 9), 1.0)
+    assert corner.sum() == 2 * 4  # each ball cut by the volume's faces
+
+
+def test_the_click_loss_adds_the_bce_at_the_click_balls(phantom_dir: Path) -> None:
+    config = replace(CONFIGS["tiny"], max_train_clicks=3)
+    case = load_prepared(find_cases(phantom_dir)[0], config.grid_shape, config.spacing_mm)
+    torch.manual_seed(0)
+    initial = build_unet(INITIAL_CHANNELS, config.architecture)
+    net = build_unet(STAGE_CHANNELS["refinement"], config.architecture)
+    losses = {}
+    for weight in (0.0, 1.0):
+        trainer = StageTrainer("2s-icr", "refinement", replace(config, click_loss_weight=weight), CPU, seed=3)
+        trainer.use_initial([initial], [{"train": [case.id], "val": []}])
+        closure = trainer.steps(net, 0, [case])[0]  # the same sample and click for both weights
+        with torch.no_grad():
+            losses[weight] = float(closure())
+    assert losses[1.0] > losses[0.0] + 0.01  # an untrained net gets the clicked voxels wrong
+
+
+def test_members_can_be_trained_by_several_processes_into_the_same_checkpoint(phantom_dir: Path, tmp_path: Path) -> None:
+    config = replace(CONFIGS["tiny"], member_steps=2, val_every=2)
+    whole = load_checkpoint(train("2s-icr", phantom_dir, tmp_path / "one", config, device=CPU, seed=5))
+    run = tmp_path / "split"
+    # member 0 first: the initial stage waits for member 1, so nothing is written
+    assert train("2s-icr", phantom_dir, run, config, device=CPU, seed=5, only_members=[0]) is None
+    # member 1: the initial stage is complete, refinement member 0 is still to train
+    assert train("2s-icr", phantom_dir, run, config, device=CPU, seed=5, only_members=[1]) is None
+    weights = train("2s-icr", phantom_dir, run, config, device=CPU, seed=5, only_members=[0])
+    assert weights is not None
+    split = load_checkpoint(weights)
+    for stage in ("initial", "refinement"):
+        for one, other in zip(whole.stages[stage], split.stages[stage]):
+            for name, value in one.state_dict().items():
+                torch.testing.assert_close(other.state_dict()[name], value)
+
+
+def test_refinement_training_can_continue_from_a_checkpoint(phantom_dir: Path, tmp_path: Path) -> None:
+    config = replace(CONFIGS["tiny"], member_steps=2, val_every=2)
+    first = train("2s-icr", phantom_dir, tmp_path / "first", config, device=CPU, seed=5)
+    train("2s-icr", phantom_dir, tmp_path / "more", config, device=CPU, seed=5, initial_from=first,
+          refinement_from_checkpoint=first)
+    reports = json.loads((tmp_path / "more" / "training.json").read_text())["stages"]
+    assert reports["refinement"][0] == {"continued_from": str(first)}
+    assert reports["initial"][0]["reused_from"] == str(first)
+    with pytest.raises(ValueError, match="2s-icr"):
+        train("deepgrow", phantom_dir, tmp_path / "dg", config, device=CPU, refinement_from_checkpoint=first)
