@@ -141,7 +141,7 @@ def _phantoms(args: argparse.Namespace) -> int:
 
         ids = write_whole_body_cases(Path(args.out), args.n, args.seed, scale=args.scale)
     else:
-        ids = write_cases(Path(args.out), args.n, args.seed)
+        ids = write_cases(Path(args.out), args.n, args.seed, variety=args.variety)
     print(f"{len(ids)} phantom cases written to {args.out}")
     if args.dicom:
         from service.dicom.phantoms import write_dicom_cases
@@ -179,6 +179,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                           help="head-neck: the HECKTOR crop; whole-body: vertex to thighs (800-1000 mm)")
     phantoms.add_argument("--scale", type=float, default=1.0,
                           help="whole-body only: multiply the voxel sizes (2 = coarser, 8x fewer voxels)")
+    phantoms.add_argument("--variety", choices=("classic", "wide"), default="classic",
+                          help="classic: the original generator (sets made before are unchanged); wide: tumour volume, "
+                          "uptake, necrosis, field-of-view edge, body size, CT noise and kernel, PET resolution varied")
     phantoms.set_defaults(run=_phantoms)
 
     for name, lazy in LAZY_COMMANDS.items():

@@ -7,6 +7,15 @@ different spacings, origins and extents. The anatomy is a caricature, but the
 difficulties of the real task are kept: a tumour with little CT contrast against
 soft tissue, FDG-avid lymph nodes and physiological uptake (brain, tonsils,
 salivary glands) that are *not* GTVt, partial-volume blur and noise in PET.
+
+Two varieties. ``classic`` is the original generator (a set's cases are the same as
+before ``wide`` existed). ``wide`` draws a :class:`Variety` per case from a separate
+random stream and applies it to the same anatomy draws: tumour volume log-uniform in
+about 1-200 ml, SUVmax log-uniform from faint (about 2.5) to very avid (about 40),
+more and larger necrotic cores, a third of the tumours cut by the edge of the scanned
+field of view (top or bottom of the CT and PET), body size 0.85-1.25 x, CT noise 5-40
+HU with a smooth, standard or sharp reconstruction kernel, and PET resolution 4-7 mm
+FWHM.
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ PET_SUFFIX = "_pt.nii.gz"
 GTVT_SUFFIX = "_gtvt.nii.gz"
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 PET_SUPERSAMPLING = 2  # PET activity is modelled at half the PET voxel size, then binned
+VARIETIES = ("classic", "wide")
+VARIETY_STREAM = 1  # the wide variety's draws: SeedSequence([case seed, VARIETY_STREAM])
+CT_KERNELS = ("smooth", "standard", "sharp")
+LOBE_VOLUME_FACTOR = 0.65  # a tumour's volume over the sphere of its radius (lobes, axes and ripple; measured)
 
 
 # --------------------------------------------------------------------------- grids
@@ -311,6 +324,62 @@ class UptakeOrgan:
     suv: float
 
 
+# ------------------------------------------------------------------- variety
+
+
+@dataclass(frozen=True)
+class Variety:
+    """Per-case departures from the classic generator; ``Variety()`` is the classic generator.
+
+    None keeps the classic draw (which is still made, so the classic stream is unchanged).
+    """
+
+    body_scale: float = 1.0
+    tumour_radius_mm: float | None = None
+    suv_peak: float | None = None
+    necrosis_chance: float = 0.4
+    necrosis_min_radius_mm: float = 12.0
+    necrosis_scale: tuple[float, float] = (0.3, 0.45)
+    edge_of_view: Literal["none", "top", "bottom"] = "none"
+    edge_depth: float = 0.5  # where the field of view's edge cuts the tumour: 0 its low end, 1 its high end
+    ct_noise_hu: float | None = None
+    ct_kernel: str = "standard"
+    pet_fwhm_mm: float | None = None
+
+    @classmethod
+    def wide(cls, rng: np.random.Generator) -> Variety:
+        volume_ml = math.exp(rng.uniform(math.log(1.0), math.log(200.0)))
+        radius = (3.0 * volume_ml * 1000.0 / (4.0 * math.pi * LOBE_VOLUME_FACTOR)) ** (1.0 / 3.0)
+        edge = rng.choice(["top", "bottom"]) if rng.random() < 1 / 3 else "none"
+        return cls(
+            body_scale=float(rng.uniform(0.85, 1.25)),
+            tumour_radius_mm=radius,
+            suv_peak=float(math.exp(rng.uniform(math.log(2.5), math.log(40.0)))),
+            necrosis_chance=0.6,
+            necrosis_min_radius_mm=9.0,
+            necrosis_scale=(0.3, 0.6),
+            edge_of_view=str(edge),  # type: ignore[arg-type]
+            edge_depth=float(rng.uniform(0.3, 0.7)),
+            ct_noise_hu=float(rng.uniform(5.0, 40.0)),
+            ct_kernel=str(rng.choice(CT_KERNELS)),
+            pet_fwhm_mm=float(rng.uniform(4.0, 7.0)),
+        )
+
+
+def _drawn_or(drawn: float, override: float | None) -> float:
+    """The classic draw, unless the variety sets the value (the draw is made either way)."""
+    return float(drawn) if override is None else override
+
+
+def draw_variety(seed: int, variety: str) -> Variety:
+    """The case's :class:`Variety`: the classic one, or a ``wide`` draw from its own stream."""
+    if variety not in VARIETIES:
+        raise ValueError(f"phantom variety must be one of {', '.join(VARIETIES)}, not {variety!r}")
+    if variety == "classic":
+        return Variety()
+    return Variety.wide(np.random.default_rng(np.random.SeedSequence([seed, VARIETY_STREAM])))
+
+
 @dataclass(frozen=True)
 class HeadNeckAnatomy:
     """One patient's world model and tissue properties; everything rendered comes from here."""
@@ -334,15 +403,18 @@ class HeadNeckAnatomy:
     brain_suv: float
     soft_tissue_texture: RippleField
     texture_hu: float
+    variety: Variety = Variety()
 
 
 # ------------------------------------------------------------------- sampling
 
 
-def _sample_tumour(rng: np.random.Generator, airway: Airway) -> Tumour:
+def _sample_tumour(rng: np.random.Generator, airway: Airway, variety: Variety) -> Tumour:
     """A tumour abutting the oropharyngeal airway wall (anterior or lateral)."""
     centre_z = rng.uniform(-5.0, 20.0)
     radius = rng.uniform(8.0, 22.0)
+    if variety.tumour_radius_mm is not None:
+        radius = variety.tumour_radius_mm
     angle = rng.uniform(-2.1, 2.1)  # from anterior, avoiding the posterior (prevertebral) wall
     direction = np.array([math.sin(angle), math.cos(angle)])
     rx, ry = airway.semi_axes
@@ -357,15 +429,15 @@ def _sample_tumour(rng: np.random.Generator, airway: Airway) -> Tumour:
         offset *= radius * rng.uniform(0.4, 0.8) / np.linalg.norm(offset)
         lobes.append(Ellipsoid(tuple(centre + offset), tuple(radius * rng.uniform(0.35, 0.7, 3))))  # type: ignore[arg-type]
     necrosis = None
-    if radius >= 12.0 and rng.random() < 0.4:
-        necrosis = Ellipsoid(tuple(centre), tuple(radius * rng.uniform(0.3, 0.45, 3)))  # type: ignore[arg-type]
+    if radius >= variety.necrosis_min_radius_mm and rng.random() < variety.necrosis_chance:
+        necrosis = Ellipsoid(tuple(centre), tuple(radius * rng.uniform(*variety.necrosis_scale, 3)))  # type: ignore[arg-type]
     return Tumour(
         lobes=tuple(lobes),
         surface_ripple=RippleField.sample(rng, (10.0, 22.0)),
         uptake_ripple=RippleField.sample(rng, (8.0, 16.0)),
         necrosis=necrosis,
         hu_excess=rng.uniform(10.0, 30.0),
-        suv_peak=rng.uniform(5.0, 20.0),
+        suv_peak=_drawn_or(rng.uniform(5.0, 20.0), variety.suv_peak),
         necrosis_suv=rng.uniform(0.8, 1.6),
         necrosis_hu_drop=rng.uniform(12.0, 25.0),
     )
@@ -416,15 +488,17 @@ def _sample_lymph_nodes(rng: np.random.Generator, body: BodyOutline, tumour: Tum
     return tuple(nodes)
 
 
-def sample_anatomy(rng: np.random.Generator) -> HeadNeckAnatomy:
+def sample_anatomy(rng: np.random.Generator, variety: Variety | None = None) -> HeadNeckAnatomy:
     """Draw one patient: body habitus, airway, bones, tumour, glands, nodes and tissue values."""
-    neck = (rng.uniform(52.0, 62.0), rng.uniform(50.0, 60.0))
+    variety = variety or Variety()
+    scale = variety.body_scale
+    neck = (rng.uniform(52.0, 62.0) * scale, rng.uniform(50.0, 60.0) * scale)
     body = BodyOutline(
         neck_semi_axes=neck,
-        head_semi_axes=(rng.uniform(70.0, 78.0), rng.uniform(85.0, 95.0)),
+        head_semi_axes=(rng.uniform(70.0, 78.0) * scale, rng.uniform(85.0, 95.0) * scale),
         head_transition_z=rng.uniform(25.0, 35.0),
         shoulder_z=rng.uniform(-125.0, -105.0),
-        fat_thickness=rng.uniform(5.0, 12.0),
+        fat_thickness=rng.uniform(5.0, 12.0) * scale,
     )
     airway = Airway(
         centre_y=0.2 * neck[1],
@@ -443,7 +517,7 @@ def sample_anatomy(rng: np.random.Generator) -> HeadNeckAnatomy:
     brain = Ellipsoid((0.0, 10.0, brain_bottom + 55.0), (head_x - 12.0, head_y - 16.0, 55.0))
     skull = Ellipsoid(brain.centre, (head_x - 5.0, head_y - 8.0, 62.0))
     soft_tissue_hu = rng.uniform(35.0, 50.0)
-    tumour = _sample_tumour(rng, airway)
+    tumour = _sample_tumour(rng, airway, variety)
     return HeadNeckAnatomy(
         body=body, airway=airway, spine=spine, mandible=mandible, brain=brain, skull=skull, tumour=tumour,
         organs=_sample_organs(rng, body, airway, mandible, soft_tissue_hu),
@@ -452,6 +526,7 @@ def sample_anatomy(rng: np.random.Generator) -> HeadNeckAnatomy:
         brain_hu=rng.uniform(28.0, 38.0), soft_tissue_suv=rng.uniform(0.8, 1.2), fat_suv=rng.uniform(0.3, 0.5),
         bone_suv=rng.uniform(0.5, 0.9), brain_suv=rng.uniform(6.5, 10.0),
         soft_tissue_texture=RippleField.sample(rng, (15.0, 40.0), waves=6), texture_hu=rng.uniform(6.0, 12.0),
+        variety=variety,
     )
 
 
@@ -543,9 +618,36 @@ def _render_ct(anatomy: HeadNeckAnatomy, grid: Grid, rng: np.random.Generator) -
     _paint_region(hu, grid, anatomy.airway.bounds(), anatomy.airway.contains, tissue.air)
     _add_soft_tissue_texture(hu, grid, anatomy)
     spacing = grid.spacing_mm
-    hu = ndimage.gaussian_filter(hu, sigma=tuple(0.6 / spacing), truncate=2.5)  # ~1.4 mm FWHM scanner blur
-    hu += rng.normal(0.0, rng.uniform(8.0, 18.0), size=hu.shape).astype(np.float32)
+    variety = anatomy.variety
+    if variety.ct_kernel == "standard":
+        hu = ndimage.gaussian_filter(hu, sigma=tuple(0.6 / spacing), truncate=2.5)  # ~1.4 mm FWHM scanner blur
+    noise_hu = _drawn_or(rng.uniform(8.0, 18.0), variety.ct_noise_hu)
+    noise = rng.normal(0.0, 1.0, size=hu.shape).astype(np.float32)
+    if variety.ct_kernel == "standard":
+        hu += noise_hu * noise
+    else:
+        hu = _reconstruction_kernel(hu, noise, noise_hu, spacing, variety.ct_kernel)
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), gtvt
+
+
+def _reconstruction_kernel(hu: np.ndarray, noise: np.ndarray, noise_hu: float, spacing: np.ndarray,
+                           kernel: str) -> np.ndarray:
+    """CT through a smooth (soft-tissue, ~2.8 mm FWHM) or sharp (bone, edge-enhancing) kernel.
+
+    The noise is shaped by the kernel too and then scaled to ``noise_hu``: a smooth kernel's
+    noise is blotchy (neighbours correlate), a sharp kernel's grainy (neighbours anti-correlate).
+    """
+    def blur(volume: np.ndarray, sigma_mm: float) -> np.ndarray:
+        return ndimage.gaussian_filter(volume, sigma=tuple(sigma_mm / spacing), truncate=2.5)
+
+    if kernel == "smooth":
+        image, texture = blur(hu, 1.2), blur(noise, 1.2)
+    else:  # unsharp masking: edges overshoot and the noise loses its low frequencies, as bone kernels show
+        image = blur(hu, 0.4)
+        image = image + 0.7 * (image - blur(image, 1.5))
+        texture = noise + (noise - blur(noise, 0.8))
+    texture *= noise_hu / max(float(texture.std()), 1e-6)
+    return (image + texture).astype(np.float32)
 
 
 def _render_pet(anatomy: HeadNeckAnatomy, grid: Grid, rng: np.random.Generator) -> np.ndarray:
@@ -566,7 +668,7 @@ def _render_pet(anatomy: HeadNeckAnatomy, grid: Grid, rng: np.random.Generator) 
             suv[window][mask & tumour.necrosis.contains(x, y, z)] = tumour.necrosis_suv
     _paint_region(suv, fine, anatomy.airway.bounds(), anatomy.airway.contains, tissue.air)
     suv = _bin_mean(suv, PET_SUPERSAMPLING)
-    fwhm_mm = rng.uniform(5.0, 7.0)
+    fwhm_mm = _drawn_or(rng.uniform(5.0, 7.0), anatomy.variety.pet_fwhm_mm)
     suv = ndimage.gaussian_filter(suv, sigma=tuple(fwhm_mm / FWHM_PER_SIGMA / grid.spacing_mm))
     counts_scale = rng.uniform(0.02, 0.06)  # variance per SUV: Poisson-like, relatively noisier where uptake is low
     noise = rng.normal(size=suv.shape).astype(np.float32) * np.sqrt(np.maximum(suv, 0.0) * counts_scale)
@@ -600,14 +702,22 @@ def make_case(
     pet_spacing: Vector3 | None = DEFAULT_PET_SPACING_MM,
     ct_extent_mm: Vector3 = DEFAULT_CT_EXTENT_MM,
     pet_extent_mm: Vector3 = DEFAULT_PET_EXTENT_MM,
+    variety: str | Variety = "classic",
 ) -> PhantomCase:
-    """Generate one case; a spacing of None draws a scanner-like one for this case."""
+    """Generate one case; a spacing of None draws a scanner-like one for this case; ``variety``
+    (see the module's doc): ``classic``, ``wide`` or a given :class:`Variety`."""
     rng = np.random.default_rng(seed)
-    anatomy = sample_anatomy(rng)
+    anatomy = sample_anatomy(rng, variety if isinstance(variety, Variety) else draw_variety(seed, variety))
     ct_spacing = ct_spacing or _scanner_spacing(rng, (0.9, 1.0), (2.0, 2.5, 3.0))
     pet_spacing = pet_spacing or _scanner_spacing(rng, (3.9, 4.1), (3.0, 3.27, 4.0))
     ct_centre = np.array([rng.uniform(-5, 5), rng.uniform(-5, 5), rng.uniform(-35, -20)])
     pet_centre = ct_centre + np.array([rng.uniform(-25, 25), rng.uniform(-25, 25), rng.uniform(-25, 25)])
+    edge = anatomy.variety.edge_of_view
+    if edge != "none":  # the scan's top (or bottom) slice cuts the tumour; PET ends at the same place
+        low, high = anatomy.tumour.bounds()
+        cut = low[2] + anatomy.variety.edge_depth * (high[2] - low[2])
+        ct_centre[2] = cut - ct_extent_mm[2] / 2 if edge == "top" else cut + ct_extent_mm[2] / 2
+        pet_centre[2] = cut - pet_extent_mm[2] / 2 if edge == "top" else cut + pet_extent_mm[2] / 2
     ct_grid = Grid.centred(ct_centre, ct_spacing, ct_extent_mm)
     pet_grid = Grid.centred(pet_centre, pet_spacing, pet_extent_mm)
     ct, gtvt = _render_ct(anatomy, ct_grid, rng)
@@ -630,14 +740,16 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(image, str(path))
 
 
-def write_cases(out_dir: str | Path, n: int, seed: int) -> list[str]:
-    """Write ``n`` cases as ``<case>_ct/_pt/_gtvt.nii.gz`` (HECKTOR layout) and return their ids."""
+def write_cases(out_dir: str | Path, n: int, seed: int, variety: str = "classic") -> list[str]:
+    """Write ``n`` cases as ``<case>_ct/_pt/_gtvt.nii.gz`` (HECKTOR layout) and return their ids
+    (``phantom_s<seed>_<index>``; ``phantom_wide_s<seed>_<index>`` for the wide variety)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = []
+    prefix = "phantom" if variety == "classic" else f"phantom_{variety}"
     for index in range(n):
-        case_id = f"phantom_s{seed}_{index:03d}"
-        case = make_case(case_seed(seed, index))
+        case_id = f"{prefix}_s{seed}_{index:03d}"
+        case = make_case(case_seed(seed, index), variety=variety)
         _save_nifti(case.ct, case.ct_affine, out / f"{case_id}{CT_SUFFIX}")
         _save_nifti(case.pet, case.pet_affine, out / f"{case_id}{PET_SUFFIX}")
         _save_nifti(case.gtvt, case.ct_affine, out / f"{case_id}{GTVT_SUFFIX}")

@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 
 from service.science.phantoms import (
+    CT_KERNELS,
+    LOBE_VOLUME_FACTOR,
     PhantomCase,
+    Variety,
     case_ids,
     case_seed,
+    draw_variety,
     make_case,
     write_cases,
 )
@@ -156,3 +160,101 @@ def test_scanner_spacing_can_be_drawn_per_case() -> None:
     assert 3.9 <= pet_spacing[0] <= 4.1
     assert drawn.gtvt.shape == drawn.ct.shape and drawn.gtvt.any()
     assert np.all(drawn.ct_affine[:2, :2].diagonal() < 0)  # LPS -> RAS flip of x and y
+
+
+# -- the wide variety ----------------------------------------------------------------
+def _tumour_suv_max(case: PhantomCase) -> float:
+    suv, inside = _sample(case.pet, case.pet_affine, _voxel_centres_mm(case.gtvt.astype(bool), case.ct_affine))
+    return float(suv[inside].max())
+
+
+def test_classic_cases_are_the_ones_made_before_the_wide_variety() -> None:
+    # digest of the arrays of case 0 of seed 3 (the held-out set) made by the generator
+    # before varieties existed: the classic variety must keep making exactly that case
+    import hashlib
+
+    case = make_case(case_seed(3, 0), variety="classic")
+    digest = hashlib.sha256(case.ct.tobytes() + case.pet.tobytes() + case.gtvt.tobytes()).hexdigest()[:16]
+    assert digest == "117348d9bcd21f47"
+    assert case.anatomy.variety == Variety()
+
+
+def test_wide_variety_draws_span_the_clinical_ranges() -> None:
+    draws = [draw_variety(case_seed(7, i), "wide") for i in range(300)]
+    volumes = np.array([4 / 3 * np.pi * d.tumour_radius_mm**3 * LOBE_VOLUME_FACTOR / 1000 for d in draws])
+    assert 1.0 <= volumes.min() < 2.0 and 150.0 < volumes.max() <= 200.0
+    suv = np.array([d.suv_peak for d in draws])
+    assert 2.5 <= suv.min() < 3.5 and 30.0 < suv.max() <= 40.0
+    fwhm = np.array([d.pet_fwhm_mm for d in draws])
+    assert 4.0 <= fwhm.min() < 4.3 and 6.7 < fwhm.max() <= 7.0
+    assert {d.ct_kernel for d in draws} == set(CT_KERNELS)
+    assert 0.25 < np.mean([d.edge_of_view != "none" for d in draws]) < 0.42
+    scale = np.array([d.body_scale for d in draws])
+    assert scale.min() < 0.9 and scale.max() > 1.2
+    assert draws[0] == draw_variety(case_seed(7, 0), "wide")  # seeded
+    with pytest.raises(ValueError, match="variety"):
+        draw_variety(1, "huge")
+
+
+def test_tumour_volume_follows_the_drawn_radius() -> None:
+    small = make_case(21, variety=Variety(tumour_radius_mm=7.0))
+    large = make_case(21, variety=Variety(tumour_radius_mm=30.0))
+    voxel_ml = float(np.prod(np.abs(np.diag(small.ct_affine)[:3]))) / 1000
+    expected = [4 / 3 * np.pi * r**3 * LOBE_VOLUME_FACTOR / 1000 for r in (7.0, 30.0)]
+    measured = [small.gtvt.sum() * voxel_ml, large.gtvt.sum() * voxel_ml]
+    assert expected[0] / 2 < measured[0] < expected[0] * 2
+    assert expected[1] / 2 < measured[1] < expected[1] * 2
+
+
+def test_the_edge_of_the_field_of_view_cuts_the_tumour() -> None:
+    for edge in ("top", "bottom"):
+        case = make_case(22, variety=Variety(edge_of_view=edge, edge_depth=0.5))
+        slices = np.flatnonzero(case.gtvt.any(axis=(0, 1)))
+        last = case.gtvt.shape[2] - 1
+        assert slices.size and (slices[-1] == last if edge == "top" else slices[0] == 0)
+        top_mm = [float(affine[2, 3] + affine[2, 2] * (shape[2] - 1))
+                  for affine, shape in ((case.ct_affine, case.ct.shape), (case.pet_affine, case.pet.shape))]
+        bottom_mm = [float(affine[2, 3]) for affine in (case.ct_affine, case.pet_affine)]
+        ends = top_mm if edge == "top" else bottom_mm
+        assert abs(ends[0] - ends[1]) < 8.0  # PET ends where CT does (within a PET slice or two)
+
+
+def test_pet_resolution_and_uptake_change_the_tumour_on_pet() -> None:
+    sharp = make_case(23, variety=Variety(pet_fwhm_mm=4.0, suv_peak=12.0))
+    blurred = make_case(23, variety=Variety(pet_fwhm_mm=7.0, suv_peak=12.0))
+    faint = make_case(23, variety=Variety(pet_fwhm_mm=4.0, suv_peak=2.5))
+    assert _tumour_suv_max(sharp) > _tumour_suv_max(blurred)
+    assert _tumour_suv_max(faint) < 0.4 * _tumour_suv_max(sharp)
+    np.testing.assert_array_equal(sharp.gtvt, blurred.gtvt)  # the same patient
+
+
+def test_necrotic_cores_are_cold_on_pet() -> None:
+    case = make_case(24, variety=Variety(tumour_radius_mm=20.0, necrosis_chance=1.0, necrosis_scale=(0.5, 0.55)))
+    necrosis = case.anatomy.tumour.necrosis
+    assert necrosis is not None
+    core, inside = _sample(case.pet, case.pet_affine, np.asarray(necrosis.centre)[None])
+    assert inside.all() and core[0] < 0.5 * _tumour_suv_max(case)
+
+
+def test_reconstruction_kernels_shape_the_ct_noise() -> None:
+    def neighbour_correlation(kernel: str) -> float:
+        case = make_case(25, variety=Variety(ct_kernel=kernel, ct_noise_hu=20.0))
+        air = case.ct[:40, :40, :].astype(np.float64)  # a corner outside the body: air and noise only
+        air -= air.mean()
+        return float((air[1:] * air[:-1]).mean() / air.var())
+
+    smooth, standard, sharp = (neighbour_correlation(k) for k in CT_KERNELS)
+    assert smooth > standard > sharp
+
+
+def test_body_size_scales_the_outline() -> None:
+    def body_area(scale: float) -> int:
+        case = make_case(26, variety=Variety(body_scale=scale))
+        return int((case.ct[:, :, case.ct.shape[2] // 2] > -500).sum())
+
+    assert body_area(1.2) > 1.6 * body_area(0.85)
+
+
+def test_wide_cases_are_written_under_their_own_ids(tmp_path: Path) -> None:
+    assert write_cases(tmp_path, 1, seed=4, variety="wide") == ["phantom_wide_s4_000"]
+    assert case_ids(tmp_path) == ["phantom_wide_s4_000"]

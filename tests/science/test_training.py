@@ -15,7 +15,10 @@ from service.engine.loading import load_engine
 from service.engine.networks import INITIAL_CHANNELS, build_unet
 from service.science.dataset import find_cases, load_prepared
 from service.science.phantoms import write_cases
-from service.science.training import CONFIGS, Member, StageTrainer, fit, train
+from service.science.training import train
+from service.science.training_config import CONFIGS
+from service.science.training_loop import Member, fit
+from service.science.training_samples import StageTrainer
 from service.settings import Settings
 
 CPU = torch.device("cpu")
@@ -120,9 +123,54 @@ def test_training_writes_a_checkpoint_the_service_loads(phantom_dir: Path, tmp_p
     case = load_prepared(find_cases(phantom_dir)[0], checkpoint.grid_shape, checkpoint.spacing_mm)
     probability = engine.initial_probability(case.images)
     assert probability.shape == checkpoint.grid_shape
-    # a second run of the same command resumes from the saved state instead of starting over
+    # a second run of the same command finds every member done: it trains nothing (no state
+    # is rewritten, no validation added) and writes the same checkpoint
+    states = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in (tmp_path / "run" / "state").iterdir()}
+    assert len(states) == 2 * 2  # initial and refinement, one per fold (tiny has no shared warm start)
     again = train("2s-icr", phantom_dir, tmp_path / "run", config, device=CPU, seed=5)
     assert again == weights
+    assert {path.name: (path.stat().st_mtime_ns, path.read_bytes())
+            for path in (tmp_path / "run" / "state").iterdir()} == states
+    assert json.loads((tmp_path / "run" / "training.json").read_text())["stages"] == summary["stages"]
+    assert load_checkpoint(again).digest == checkpoint.digest
+
+
+class StopsAtSecondValidation(StageTrainer):
+    """A trainer whose run is cut off at its second validation, after the first one was saved."""
+
+    validations = 0
+
+    def validate(self, net, fold, cases):  # type: ignore[no-untyped-def]
+        self.validations += 1
+        if self.validations == 2:
+            raise KeyboardInterrupt
+        return super().validate(net, fold, cases)
+
+
+def test_an_interrupted_fit_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(
+    phantom_dir: Path, tmp_path: Path
+) -> None:
+    config = replace(CONFIGS["tiny"], val_every=2, patience=10)
+    case = load_prepared(find_cases(phantom_dir)[0], config.grid_shape, config.spacing_mm)
+
+    def start() -> Member:
+        torch.manual_seed(0)
+        return Member(build_unet(INITIAL_CHANNELS, config.architecture))
+
+    whole = fit(StageTrainer("unet", "initial", config, CPU, seed=0), start(), 0, [case], [case], 6,
+                tmp_path / "whole.pt", "whole")
+    with pytest.raises(KeyboardInterrupt):
+        fit(StopsAtSecondValidation("unet", "initial", config, CPU, seed=0), start(), 0, [case], [case], 6,
+            tmp_path / "cut.pt", "cut")
+    assert torch.load(tmp_path / "cut.pt", weights_only=False)["step"] == 2  # saved at the first validation
+    resumed = fit(StageTrainer("unet", "initial", config, CPU, seed=99), start(), 0, [case], [case], 6,
+                  tmp_path / "cut.pt", "resumed")
+    assert [entry["step"] for entry in resumed.history] == [2, 4, 6]  # the saved validation kept, 4 and 6 added
+    saved = torch.load(tmp_path / "cut.pt", weights_only=False)
+    assert saved["step"] == 6 and int(saved["optimiser"]["state"][0]["step"]) == 6
+    assert resumed.history == whole.history and resumed.best_metric == whole.best_metric
+    for name, value in whole.net.state_dict().items():  # same samples, same schedule: the same weights
+        torch.testing.assert_close(resumed.net.state_dict()[name], value)
 
 
 def test_baselines_train_their_single_interactive_stage(phantom_dir: Path, tmp_path: Path) -> None:
@@ -150,7 +198,7 @@ def test_click_guided_nets_start_from_an_initial_net_and_ship_without_it(phantom
 
 def test_refinement_warm_start_reproduces_the_initial_net() -> None:
     from service.engine.networks import REFINEMENT_CHANNELS
-    from service.science.training import widen_inputs_from
+    from service.science.training_loop import widen_inputs_from
 
     architecture = CONFIGS["tiny"].architecture
     torch.manual_seed(2)
@@ -163,7 +211,7 @@ def test_refinement_warm_start_reproduces_the_initial_net() -> None:
 
 @pytest.mark.parametrize("refinement_from_initial", [True, False])
 def test_which_click_taking_nets_start_as_the_initial_net(refinement_from_initial: bool) -> None:
-    from service.science.training import starting_net
+    from service.science.training_loop import starting_net
 
     # first layer wider than every input, so the initial and the widened nets have the same layers
     architecture = replace(CONFIGS["tiny"].architecture, channels=(6, 8, 16))
@@ -185,7 +233,7 @@ def test_which_click_taking_nets_start_as_the_initial_net(refinement_from_initia
 
 @pytest.mark.parametrize("config", ["tiny", "reduced", "paper-cpu"])
 def test_a_net_from_scratch_starts_at_the_output_prior(config: str) -> None:
-    from service.science.training import start_from_prior
+    from service.science.training_loop import start_from_prior
 
     torch.manual_seed(4)
     net = build_unet(INITIAL_CHANNELS, CONFIGS[config].architecture).eval()
@@ -198,3 +246,58 @@ def test_a_net_from_scratch_starts_at_the_output_prior(config: str) -> None:
     assert 0.002 < after < 0.05  # near the prior (the residual path adds its own small offset)
     with pytest.raises(ValueError, match="output prior"):
         start_from_prior(net, 1.0)
+
+
+def test_click_balls_cover_the_voxels_near_each_click() -> None:
+    from service.science.training_samples import click_balls
+    from service.store.contract import Click
+
+    balls = click_balls([Click("foreground", (4, 4, 4))], (9, 9, 9), 1.5)
+    assert balls.sum() == 1 + 6 + 12 and balls[4, 4, 4] and not balls[5, 5, 5]  # distances 0, 1 and sqrt(2)
+    corner = click_balls([Click("background", (0, 0, 0)), Click("foreground", (8, 8, 8))], (9, 9, 9), 1.0)
+    assert corner.sum() == 2 * 4  # each ball cut by the volume's faces
+
+
+def test_the_click_loss_adds_the_bce_at_the_click_balls(phantom_dir: Path) -> None:
+    config = replace(CONFIGS["tiny"], max_train_clicks=3)
+    case = load_prepared(find_cases(phantom_dir)[0], config.grid_shape, config.spacing_mm)
+    torch.manual_seed(0)
+    initial = build_unet(INITIAL_CHANNELS, config.architecture)
+    net = build_unet(STAGE_CHANNELS["refinement"], config.architecture)
+    losses = {}
+    for weight in (0.0, 1.0):
+        trainer = StageTrainer("2s-icr", "refinement", replace(config, click_loss_weight=weight), CPU, seed=3)
+        trainer.use_initial([initial], [{"train": [case.id], "val": []}])
+        closure = trainer.steps(net, 0, [case])[0]  # the same sample and click for both weights
+        with torch.no_grad():
+            losses[weight] = float(closure())
+    assert losses[1.0] > losses[0.0] + 0.01  # an untrained net gets the clicked voxels wrong
+
+
+def test_members_can_be_trained_by_several_processes_into_the_same_checkpoint(phantom_dir: Path, tmp_path: Path) -> None:
+    config = replace(CONFIGS["tiny"], member_steps=2, val_every=2)
+    whole = load_checkpoint(train("2s-icr", phantom_dir, tmp_path / "one", config, device=CPU, seed=5))
+    run = tmp_path / "split"
+    # member 0 first: the initial stage waits for member 1, so nothing is written
+    assert train("2s-icr", phantom_dir, run, config, device=CPU, seed=5, only_members=[0]) is None
+    # member 1: the initial stage is complete, refinement member 0 is still to train
+    assert train("2s-icr", phantom_dir, run, config, device=CPU, seed=5, only_members=[1]) is None
+    weights = train("2s-icr", phantom_dir, run, config, device=CPU, seed=5, only_members=[0])
+    assert weights is not None
+    split = load_checkpoint(weights)
+    for stage in ("initial", "refinement"):
+        for one, other in zip(whole.stages[stage], split.stages[stage]):
+            for name, value in one.state_dict().items():
+                torch.testing.assert_close(other.state_dict()[name], value)
+
+
+def test_refinement_training_can_continue_from_a_checkpoint(phantom_dir: Path, tmp_path: Path) -> None:
+    config = replace(CONFIGS["tiny"], member_steps=2, val_every=2)
+    first = train("2s-icr", phantom_dir, tmp_path / "first", config, device=CPU, seed=5)
+    train("2s-icr", phantom_dir, tmp_path / "more", config, device=CPU, seed=5, initial_from=first,
+          refinement_from_checkpoint=first)
+    reports = json.loads((tmp_path / "more" / "training.json").read_text())["stages"]
+    assert reports["refinement"][0] == {"continued_from": str(first)}
+    assert reports["initial"][0]["reused_from"] == str(first)
+    with pytest.raises(ValueError, match="2s-icr"):
+        train("deepgrow", phantom_dir, tmp_path / "dg", config, device=CPU, refinement_from_checkpoint=first)

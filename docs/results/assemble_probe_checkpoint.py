@@ -1,0 +1,31 @@
+"""Assemble a probe checkpoint: the shipped initial ensemble and chosen refinement members.
+
+Usage: ``python docs/results/assemble_probe_checkpoint.py OUT MEMBER...`` where MEMBER is
+``shipped:K`` (the shipped refinement member K) or a training state file
+(``RUN/state/refinement-K.pt``, whose best state is used). Float16, as the shipped weights.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from service.engine.checkpoints import STAGE_CHANNELS, load_checkpoint, write_checkpoint
+from service.engine.networks import build_unet
+
+shipped = load_checkpoint("service/weights/demo")
+members = []
+for spec in sys.argv[2:]:
+    if spec.startswith("shipped:"):
+        members.append(shipped.stages["refinement"][int(spec.split(":")[1])])
+    else:
+        net = build_unet(STAGE_CHANNELS["refinement"], shipped.architecture)
+        saved = torch.load(spec, map_location="cpu", weights_only=False)
+        net.load_state_dict(saved["best_state"] or saved["net"])
+        print(spec, "step", saved["step"], "best", saved["best_metric"])
+        members.append(net.eval())
+write_checkpoint(Path(sys.argv[1]), {"initial": shipped.stages["initial"], "refinement": members},
+                 architecture=shipped.architecture, grid_shape=shipped.grid_shape, spacing_mm=shipped.spacing_mm,
+                 click_sigma_voxels=shipped.click_sigma_voxels, description=f"probe: {' '.join(sys.argv[2:])}",
+                 dtype=torch.float16)
+print(load_checkpoint(sys.argv[1]).digest)

@@ -1,0 +1,179 @@
+"""One training sample's optimisation steps, per stage, and the validation that selects a member.
+
+:class:`StageTrainer` draws an augmented sample and returns its loss closures: one for
+an initial net or a DeepGrow/DeepEdit net (clicks simulated without gradients first,
+as MONAI's DeepEdit), 1-``max_train_clicks`` for a 2S-ICR refinement net (an
+interaction each: simulated click on the last output, mask dropout, a forward pass on
+that memory). It also validates a member by the evaluation protocol's simulated user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+
+from service.engine.checkpoints import LoadedCheckpoint
+from service.engine.clicks import click_maps
+from service.engine.ensemble import Engine
+from service.engine.fastpath import autocast_dtype
+from service.science.augment import augmented_sample, training_transforms
+from service.science.dataset import PreparedCase
+from service.science.evaluation import interaction_curve
+from service.science.methods import ClickGuided, NonInteractive, Segmenter
+from service.science.simulator import next_click
+from service.science.training_config import CLICK_FREE_FRACTION, TrainConfig
+from service.store.contract import Click
+
+
+def _loss() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Dice + BCE on the logits, in float32 whatever the forward pass computed in."""
+    loss = DiceCELoss(sigmoid=True, lambda_dice=1.0, lambda_ce=1.0)
+    return lambda logits, target: loss(logits.float(), target)
+
+
+def click_balls(clicks: Sequence[Click], shape: Sequence[int], radius_voxels: float) -> np.ndarray:
+    """Bool mask of the voxels within ``radius_voxels`` of any click."""
+    balls = np.zeros(tuple(shape), dtype=bool)
+    reach = int(np.ceil(radius_voxels))
+    for click in clicks:
+        low = [max(int(c) - reach, 0) for c in click.voxel]
+        high = [min(int(c) + reach + 1, n) for c, n in zip(click.voxel, shape)]
+        axes = np.ogrid[tuple(slice(lo, hi) for lo, hi in zip(low, high))]
+        distance2 = sum((axis - int(c)) ** 2 for axis, c in zip(axes, click.voxel))
+        balls[tuple(slice(lo, hi) for lo, hi in zip(low, high))] |= distance2 <= radius_voxels**2
+    return balls
+
+
+def _ball_bce(logits: torch.Tensor, target: torch.Tensor, balls: torch.Tensor) -> torch.Tensor:
+    """Mean BCE over the click balls' voxels (float32)."""
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+    return (bce * balls).sum() / balls.sum().clamp(min=1.0)
+
+
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None].to(device)
+
+
+class StageTrainer:
+    """Optimises one network of one stage; ``step_source`` yields (loss closure) steps."""
+
+    def __init__(self, method: str, stage: str, config: TrainConfig, device: torch.device, seed: int) -> None:
+        self.method, self.stage, self.config, self.device = method, stage, config, device
+        self.rng = np.random.default_rng(seed)
+        self.transforms = training_transforms(config.spacing_mm, config.patch_shape)
+        self.loss = _loss()
+        self.initial_nets: dict[int, UNet] = {}  # frozen initial member per fold (2S-ICR refinement)
+        self.held_out_by: dict[str, int] = {}  # case id -> the fold that validates on it
+        self.precision = autocast_dtype(config.autocast, device)
+        if config.refinement_memory not in ("fold", "held-out"):
+            raise ValueError(f"refinement memory comes from 'fold' or 'held-out', not {config.refinement_memory!r}")
+
+    def reduced_precision(self) -> torch.autocast:
+        """The forward passes' autocast context (a no-op for float32 training)."""
+        return torch.autocast(self.device.type, dtype=self.precision, enabled=self.precision is not None)
+
+    def _infer(self, net: UNet, inputs: np.ndarray) -> torch.Tensor:
+        """A gradient-free pass (frozen initial net, simulated clicks) in the training precision; float32 logits."""
+        with torch.inference_mode(), self.reduced_precision():
+            return net(_tensor(inputs, self.device)).float()
+
+    # -- one optimisation step (or several, for 2S-ICR interactions) ---------------
+    def _sample(self, cases: Sequence[PreparedCase]) -> tuple[str, np.ndarray, np.ndarray]:
+        case = cases[int(self.rng.integers(len(cases)))]
+        return case.id, *augmented_sample(self.transforms, case.images, case.truth, int(self.rng.integers(2**31)))
+
+    def steps(self, net: UNet, fold: int, cases: Sequence[PreparedCase]) -> list[Callable[[], torch.Tensor]]:
+        """The loss closures of one training sample (several for interactive training)."""
+        case_id, images, truth = self._sample(cases)
+        target = _tensor(truth[None].astype(np.float32), self.device)
+        if self.stage == "initial":
+            return [lambda: self.loss(net(_tensor(images, self.device)), target)]
+        if self.stage == "refinement":
+            return self._refinement_steps(net, self.memory_net(case_id, fold), images, truth, target)
+        return [self._click_guided_step(net, images, truth, target)]
+
+    def use_initial(self, members: Sequence[UNet], folds: Sequence[dict[str, list[str]]]) -> None:
+        """The frozen initial ensemble (one member per fold) that refinement samples start from."""
+        self.initial_nets = {f: net.to(self.device).eval() for f, net in enumerate(members)}
+        self.held_out_by = {case_id: f for f, fold in enumerate(folds) for case_id in fold["val"]}
+
+    def memory_net(self, case_id: str, fold: int) -> UNet:
+        """The frozen initial member whose output is a refinement sample's first memory."""
+        if self.config.refinement_memory == "held-out":
+            return self.initial_nets[self.held_out_by.get(case_id, fold)]
+        return self.initial_nets[fold]
+
+    def _refinement_steps(
+        self, net: UNet, initial: UNet, images: np.ndarray, truth: np.ndarray, target: torch.Tensor
+    ) -> list[Callable[[], torch.Tensor]]:
+        """1-15 interactions; each is a forward/backward on the last output (memory)."""
+        state = {"previous": torch.sigmoid(self._infer(initial, images))[0, 0].cpu().numpy()}
+        clicks: list[Click] = []
+        interactions = int(self.rng.integers(1, self.config.max_train_clicks + 1))
+
+        def interaction() -> torch.Tensor:
+            click = next_click(state["previous"] > 0.5, truth, self.rng)
+            if click is not None:
+                clicks.append(Click(click.label, click.voxel))
+            memory = state["previous"]
+            if self.rng.random() < self.config.p_drop:  # mask dropout: no memory this time
+                memory = np.full_like(memory, 0.5)
+            maps = click_maps(clicks, truth.shape, self.config.click_sigma_voxels)
+            logits = net(_tensor(np.concatenate([images, memory[None], maps]), self.device))
+            state["previous"] = torch.sigmoid(logits.detach().float())[0, 0].cpu().numpy()
+            loss = self.loss(logits, target)
+            if self.config.click_loss_weight > 0 and clicks:
+                balls = _tensor(click_balls(clicks, truth.shape, self.config.click_loss_radius_voxels)[None], self.device)
+                loss = loss + self.config.click_loss_weight * _ball_bce(logits, target, balls)
+            return loss
+
+        return [interaction] * interactions
+
+    def _click_guided_step(
+        self, net: UNet, images: np.ndarray, truth: np.ndarray, target: torch.Tensor
+    ) -> Callable[[], torch.Tensor]:
+        """DeepEdit: click-free with probability p, else clicks simulated without gradients."""
+        clicks: list[Click] = []
+        if self.rng.random() >= CLICK_FREE_FRACTION[self.method]:
+            prediction = np.zeros_like(truth)
+            for _ in range(int(self.rng.integers(1, self.config.max_train_clicks + 1))):
+                click = next_click(prediction, truth, self.rng)
+                if click is None:
+                    break
+                clicks.append(Click(click.label, click.voxel))
+                maps = click_maps(clicks, truth.shape, self.config.click_sigma_voxels)
+                prediction = (self._infer(net, np.concatenate([images, maps])) > 0)[0, 0].cpu().numpy()
+        maps = click_maps(clicks, truth.shape, self.config.click_sigma_voxels)
+        return lambda: self.loss(net(_tensor(np.concatenate([images, maps]), self.device)), target)
+
+    # -- validation -------------------------------------------------------------------
+    def segmenter(self, net: UNet, fold: int) -> Segmenter:
+        stages = {"initial": [net]} if self.stage == "initial" else {self.stage: [net]}
+        if self.stage == "refinement":
+            stages["initial"] = [self.initial_nets[fold]]
+        checkpoint = LoadedCheckpoint(
+            method=self.method, architecture=self.config.architecture, grid_shape=self.config.grid_shape,
+            spacing_mm=self.config.spacing_mm, click_sigma_voxels=self.config.click_sigma_voxels,
+            stages=stages, digest="training", description="",
+        )
+        if self.stage == "refinement":
+            return Engine(checkpoint, self.device, autocast=self.config.autocast)
+        if self.stage == "initial":
+            return NonInteractive(checkpoint, self.device, self.config.autocast)
+        return ClickGuided(checkpoint, self.device, self.config.autocast)
+
+    def validate(self, net: UNet, fold: int, cases: Sequence[PreparedCase]) -> float:
+        """Mean DSC over 0..val_clicks clicks (0 clicks for an initial net)."""
+        net.eval()
+        clicks = 0 if self.stage == "initial" else self.config.val_clicks
+        segmenter = self.segmenter(net, fold)
+        scores = [
+            float(np.mean(interaction_curve(segmenter, case, np.random.default_rng([fold, n]), max_clicks=clicks).dsc))
+            for n, case in enumerate(cases)
+        ]
+        net.train()
+        return float(np.mean(scores))
