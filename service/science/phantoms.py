@@ -69,7 +69,7 @@ class Grid:
             raise ValueError("phantom grids must be axis-aligned (diagonal affine)")
 
     @classmethod
-    def centred(cls, centre_mm: Sequence[float], spacing_mm: Sequence[float],
+    def centred(cls, centre_mm: Sequence[float] | np.ndarray, spacing_mm: Sequence[float],
                 extent_mm: Sequence[float]) -> Grid:
         """A grid covering ``extent_mm`` around ``centre_mm``, x/y flipped as DICOM LPS -> RAS gives."""
         spacing = np.asarray(spacing_mm, dtype=np.float64)
@@ -77,7 +77,7 @@ class Grid:
         steps = spacing * np.array([-1.0, -1.0, 1.0])
         affine = np.diag([*steps, 1.0])
         affine[:3, 3] = np.asarray(centre_mm, dtype=np.float64) - steps * (np.asarray(shape) - 1) / 2
-        return cls(shape=shape, affine=affine)  # type: ignore[arg-type]
+        return cls(shape=shape, affine=affine)
 
     @property
     def spacing_mm(self) -> np.ndarray:
@@ -130,7 +130,7 @@ class Ellipsoid:
 
     def bounds(self) -> tuple[Vector3, Vector3]:
         c, r = np.asarray(self.centre), np.asarray(self.semi_axes)
-        return tuple(c - r), tuple(c + r)  # type: ignore[return-value]
+        return tuple(c - r), tuple(c + r)
 
     def radius_squared(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Normalised squared radius: <= 1 inside."""
@@ -301,7 +301,7 @@ class Tumour:
         lows, highs = zip(*(lobe.bounds() for lobe in self.lobes))
         low, high = np.min(lows, axis=0), np.max(highs, axis=0)
         margin = (high - low) * self.RIPPLE_AMPLITUDE
-        return tuple(low - margin), tuple(high + margin)  # type: ignore[return-value]
+        return tuple(low - margin), tuple(high + margin)
 
     def level(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Implicit shape function: < 1 inside the tumour, ~0 at its core."""
@@ -422,15 +422,15 @@ def _sample_tumour(rng: np.random.Generator, airway: Airway, variety: Variety) -
     airway_x = float(airway.centre_x(np.asarray(centre_z)))
     centre_xy = np.array([airway_x, airway.centre_y]) + direction * (wall + 0.6 * radius)
     centre = np.array([centre_xy[0], centre_xy[1], centre_z])
-    main = Ellipsoid(tuple(centre), tuple(radius * rng.uniform(0.75, 1.2, 3)))  # type: ignore[arg-type]
+    main = Ellipsoid(tuple(centre), tuple(radius * rng.uniform(0.75, 1.2, 3)))
     lobes = [main]
     for _ in range(rng.integers(2, 5)):
         offset = rng.normal(size=3)
         offset *= radius * rng.uniform(0.4, 0.8) / np.linalg.norm(offset)
-        lobes.append(Ellipsoid(tuple(centre + offset), tuple(radius * rng.uniform(0.35, 0.7, 3))))  # type: ignore[arg-type]
+        lobes.append(Ellipsoid(tuple(centre + offset), tuple(radius * rng.uniform(0.35, 0.7, 3))))
     necrosis = None
     if radius >= variety.necrosis_min_radius_mm and rng.random() < variety.necrosis_chance:
-        necrosis = Ellipsoid(tuple(centre), tuple(radius * rng.uniform(*variety.necrosis_scale, 3)))  # type: ignore[arg-type]
+        necrosis = Ellipsoid(tuple(centre), tuple(radius * rng.uniform(*variety.necrosis_scale, 3)))
     return Tumour(
         lobes=tuple(lobes),
         surface_ripple=RippleField.sample(rng, (10.0, 22.0)),
@@ -482,7 +482,7 @@ def _sample_lymph_nodes(rng: np.random.Generator, body: BodyOutline, tumour: Tum
         clear_of_nodes = all(np.linalg.norm(centre - np.asarray(n.shape.centre)) >= radius + n.shape.semi_axes[0] + 4
                              for n in nodes)
         if clear_of_tumour and clear_of_nodes:
-            sphere = Ellipsoid(tuple(centre), (radius, radius, radius))  # type: ignore[arg-type]
+            sphere = Ellipsoid(tuple(centre), (radius, radius, radius))
             hu = soft_tissue_hu - rng.uniform(0, 10)
             nodes.append(UptakeOrgan("lymph_node", sphere, hu, rng.uniform(3.5, 10.0)))
     return tuple(nodes)

@@ -115,12 +115,12 @@ def _trunk_organs(rng: np.random.Generator, shoulder_z: float, bone_hu: float) -
     for _ in range(int(rng.integers(18, 30))):  # bowel loops: patchy uptake, some gas-filled
         gas = rng.random() < 0.2
         centre = (u(-85, 85), u(-5, 40), u(s - 480, s - 380))
-        organs.append(_organ("bowel", centre, tuple(u(10, 22, 3)), u(-700, -400) if gas else u(10, 35),  # type: ignore[arg-type]
+        organs.append(_organ("bowel", centre, tuple(u(10, 22, 3)), u(-700, -400) if gas else u(10, 35),
                              u(0.3, 0.8) if gas else u(1.2, 5.0)))
     for side in (-1.0, 1.0):
         organs.append(_organ("ilium", (side * 75.0, -15.0, s - 470.0), (40.0, 14.0, 45.0), bone_hu, u(0.8, 1.2)))
         organs.append(_organ("femur", (side * 85.0, 0.0, s - 800.0), (13.0, 13.0, 260.0), bone_hu, u(0.6, 1.0)))
-    organs.append(_organ("bladder", (0.0, 30.0, s - 520.0), tuple(u(25, 45, 3)), u(0, 15), u(8.0, 50.0)))  # type: ignore[arg-type]
+    organs.append(_organ("bladder", (0.0, 30.0, s - 520.0), tuple(u(25, 45, 3)), u(0, 15), u(8.0, 50.0)))
     return tuple(organs)
 
 
@@ -137,12 +137,12 @@ def _resized_tumour(tumour: Tumour, volume_ml: float, airway_xy: np.ndarray) -> 
     shift = np.zeros(3)
     shift[:2] = direction * 0.6 * radius * (factor - 1.0)
     new_centre = old_centre + shift
-    lobes = tuple(Ellipsoid(tuple(new_centre + (np.asarray(lobe.centre) - old_centre) * factor),  # type: ignore[arg-type]
-                            tuple(np.asarray(lobe.semi_axes) * factor))  # type: ignore[arg-type]
+    lobes = tuple(Ellipsoid(tuple(new_centre + (np.asarray(lobe.centre) - old_centre) * factor),
+                            tuple(np.asarray(lobe.semi_axes) * factor))
                   for lobe in tumour.lobes)
     necrosis = None
     if tumour.necrosis is not None:
-        necrosis = Ellipsoid(tuple(new_centre), tuple(np.asarray(tumour.necrosis.semi_axes) * factor))  # type: ignore[arg-type]
+        necrosis = Ellipsoid(tuple(new_centre), tuple(np.asarray(tumour.necrosis.semi_axes) * factor))
     return replace(tumour, lobes=lobes, necrosis=necrosis)
 
 
@@ -156,7 +156,7 @@ def _second_lesion(rng: np.random.Generator, tumour: Tumour, neck_x: float,
                            rng.uniform(-10.0, 15.0), rng.uniform(-70.0, -25.0)])
         gap = np.maximum(low - centre, 0) + np.maximum(centre - high, 0)
         if np.linalg.norm(gap) >= radius + 8.0:
-            return _organ("bulky_node", tuple(centre), (radius,) * 3, soft_tissue_hu - rng.uniform(0, 10),  # type: ignore[arg-type]
+            return _organ("bulky_node", tuple(centre), (radius,) * 3, soft_tissue_hu - rng.uniform(0, 10),
                           rng.uniform(4.0, 15.0))
     return None
 
