@@ -112,13 +112,11 @@ class UncertaintyOut(BaseModel):
     )
 
 
-class SessionOut(BaseModel):
-    id: str
-    version: int
-    clicks: list[ClickOut]
+class SessionFrame(BaseModel):
+    """Where a session lives: its working grid, the uploaded CT's geometry, its sources."""
+
     grid: GridOut
     original: OriginalOut
-    created_at: str
     expires_at: str
     source: SourceOut | None = Field(None, description="The DICOM series the session was made from; null for NIfTI.")
     placement: dict[str, Any] | None = Field(
@@ -126,6 +124,13 @@ class SessionOut(BaseModel):
         description="Where the working window was placed (centre_mm, world RAS) and why: the given centre, or the "
         "tumour found on PET/CT with the candidates and their scores (docs/localisation.md).",
     )
+
+
+class SessionOut(SessionFrame):
+    id: str
+    version: int
+    clicks: list[ClickOut]
+    created_at: str
 
 
 class ResultOut(BaseModel):
@@ -139,16 +144,8 @@ class ResultOut(BaseModel):
     uncertainty: UncertaintyOut | None = Field(None, description="Null for versions computed without it.")
 
 
-class CreatedOut(ResultOut):
-    grid: GridOut
-    original: OriginalOut
-    expires_at: str
-    source: SourceOut | None = Field(None, description="The DICOM series the session was made from; null for NIfTI.")
-    placement: dict[str, Any] | None = Field(
-        None,
-        description="Where the working window was placed (centre_mm, world RAS) and why: the given centre, or the "
-        "tumour found on PET/CT with the candidates and their scores (docs/localisation.md).",
-    )
+class CreatedOut(ResultOut, SessionFrame):
+    """The new session's first version and where it lives."""
 
 
 class DicomwebStudyIn(BaseModel):

@@ -749,12 +749,16 @@ def write_cases(out_dir: str | Path, n: int, seed: int, variety: str = "classic"
     prefix = "phantom" if variety == "classic" else f"phantom_{variety}"
     for index in range(n):
         case_id = f"{prefix}_s{seed}_{index:03d}"
-        case = make_case(case_seed(seed, index), variety=variety)
-        _save_nifti(case.ct, case.ct_affine, out / f"{case_id}{CT_SUFFIX}")
-        _save_nifti(case.pet, case.pet_affine, out / f"{case_id}{PET_SUFFIX}")
-        _save_nifti(case.gtvt, case.ct_affine, out / f"{case_id}{GTVT_SUFFIX}")
+        save_case(make_case(case_seed(seed, index), variety=variety), out, case_id)
         ids.append(case_id)
     return ids
+
+
+def save_case(case: PhantomCase, out: Path, case_id: str) -> None:
+    """One case's CT, PET and GTVt files in the HECKTOR layout."""
+    _save_nifti(case.ct, case.ct_affine, out / f"{case_id}{CT_SUFFIX}")
+    _save_nifti(case.pet, case.pet_affine, out / f"{case_id}{PET_SUFFIX}")
+    _save_nifti(case.gtvt, case.ct_affine, out / f"{case_id}{GTVT_SUFFIX}")
 
 
 def case_ids(data_dir: str | Path) -> list[str]:

@@ -22,9 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from service.science.phantoms import (
-    CT_SUFFIX,
-    GTVT_SUFFIX,
-    PET_SUFFIX,
     BodyOutline,
     Ellipsoid,
     Grid,
@@ -36,9 +33,9 @@ from service.science.phantoms import (
     Vector3,
     _render_ct,
     _render_pet,
-    _save_nifti,
     case_seed,
     sample_anatomy,
+    save_case,
 )
 
 WHOLE_BODY_CT_SPACING_MM: Vector3 = (0.98, 0.98, 3.0)
@@ -223,9 +220,6 @@ def write_whole_body_cases(out_dir: str | Path, n: int, seed: int, *, scale: flo
     ids = []
     for index in range(n):
         case_id = f"wholebody_s{seed}_{index:03d}"
-        case = make_whole_body_case(case_seed(seed, index), scale=scale)
-        _save_nifti(case.ct, case.ct_affine, out / f"{case_id}{CT_SUFFIX}")
-        _save_nifti(case.pet, case.pet_affine, out / f"{case_id}{PET_SUFFIX}")
-        _save_nifti(case.gtvt, case.ct_affine, out / f"{case_id}{GTVT_SUFFIX}")
+        save_case(make_whole_body_case(case_seed(seed, index), scale=scale), out, case_id)
         ids.append(case_id)
     return ids

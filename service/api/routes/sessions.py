@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -86,11 +86,7 @@ async def create_session(request: Request, sessions: SessionsDep, owner: OwnerDe
         view = await _create_from_upload(request, sessions, owner)
     response.headers["Location"] = f"/v1/sessions/{view.record.id}"
     _etag(response, view)
-    return CreatedOut(
-        **view.result(), grid=view.grid_out(), original=view.original_out(), expires_at=expires_iso(view.record),
-        source=view.source_out(),
-        placement=view.record.placement,
-    )
+    return CreatedOut(**view.result(), **_frame(view))
 
 
 async def _create_from_upload(request: Request, sessions: Sessions, owner: str | None) -> SessionView:
@@ -113,13 +109,20 @@ def get_session(session_id: str, sessions: SessionsDep, owner: OwnerDep, respons
         id=view.record.id,
         version=view.version.version,
         clicks=view.clicks_out(),
-        grid=view.grid_out(),
-        original=view.original_out(),
         created_at=created_iso(view.record),
-        expires_at=expires_iso(view.record),
-        source=view.source_out(),
-        placement=view.record.placement,
+        **_frame(view),
     )
+
+
+def _frame(view: SessionView) -> dict[str, Any]:
+    """The fields of :class:`SessionFrame`: where the session lives."""
+    return {
+        "grid": view.grid_out(),
+        "original": view.original_out(),
+        "expires_at": expires_iso(view.record),
+        "source": view.source_out(),
+        "placement": view.record.placement,
+    }
 
 
 @router.post("/{session_id}/clicks", response_model=ResultOut, summary="Add clicks; get the refined mask")
