@@ -60,7 +60,7 @@ function refreshControls() {
   $("undo").disabled = state.busy || !s || s.clicks.length === 0;
   $("download").disabled = state.busy || !s;
   $("clear-centre").hidden = !state.centre;
-  $("centre").textContent = state.centre ? `${fmt(state.centre)} mm` : "overlap of CT and PET";
+  $("centre").textContent = state.centre ? `${fmt(state.centre)} mm` : "found by the service on PET/CT";
   for (const label of ["foreground", "background"]) $(`mode-${label}`).classList.toggle("active", state.mode === label);
 }
 
