@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,29 +38,30 @@ def redis_prefix() -> str:
 TINY_GRID = (32, 32, 32)
 
 
-@pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Five initial + five refinement members of a narrow UNet on a 32^3 grid, randomly initialised."""
+def random_weights(directory: Path, architecture: Any, grid_shape: tuple[int, int, int], seed: int) -> Path:
+    """Five initial + five refinement members of ``architecture``, randomly initialised from ``seed``."""
     import torch
 
     from service.engine.checkpoints import write_checkpoint
-    from service.engine.networks import (
-        INITIAL_CHANNELS,
-        REFINEMENT_CHANNELS,
-        Architecture,
-        build_unet,
-    )
+    from service.engine.networks import INITIAL_CHANNELS, REFINEMENT_CHANNELS, build_unet
 
-    torch.manual_seed(0)
-    architecture = Architecture(channels=(4, 8, 16), strides=(1, 2), num_res_units=1)
+    torch.manual_seed(seed)
     stages = {
         "initial": [build_unet(INITIAL_CHANNELS, architecture) for _ in range(5)],
         "refinement": [build_unet(REFINEMENT_CHANNELS, architecture) for _ in range(5)],
     }
-    directory = tmp_path_factory.mktemp("weights")
-    write_checkpoint(directory, stages, architecture=architecture, grid_shape=TINY_GRID, spacing_mm=1.0,
+    write_checkpoint(directory, stages, architecture=architecture, grid_shape=grid_shape, spacing_mm=1.0,
                      description="random test weights")
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A narrow UNet on a 32^3 grid: passes take milliseconds."""
+    from service.engine.networks import Architecture
+
+    architecture = Architecture(channels=(4, 8, 16), strides=(1, 2), num_res_units=1)
+    return random_weights(tmp_path_factory.mktemp("weights"), architecture, TINY_GRID, seed=0)
 
 
 @pytest.fixture(scope="session")

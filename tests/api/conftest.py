@@ -15,6 +15,7 @@ import pytest
 
 from service.bench import processes
 from service.bench.processes import free_port
+from tests.conftest import random_weights
 
 API_KEYS = ("key-alpha", "key-beta")
 
@@ -79,24 +80,9 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
 @pytest.fixture(scope="session")
 def slow_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The paper's architecture on a 48^3 grid: a job takes seconds, long enough to die in."""
-    import torch
+    from service.engine.networks import PAPER_ARCHITECTURE
 
-    from service.engine.checkpoints import write_checkpoint
-    from service.engine.networks import (
-        INITIAL_CHANNELS,
-        PAPER_ARCHITECTURE,
-        REFINEMENT_CHANNELS,
-        build_unet,
-    )
-
-    torch.manual_seed(1)
-    stages = {
-        "initial": [build_unet(INITIAL_CHANNELS) for _ in range(5)],
-        "refinement": [build_unet(REFINEMENT_CHANNELS) for _ in range(5)],
-    }
-    directory = tmp_path_factory.mktemp("slow-weights")
-    write_checkpoint(directory, stages, architecture=PAPER_ARCHITECTURE, grid_shape=(48, 48, 48))
-    return directory
+    return random_weights(tmp_path_factory.mktemp("slow-weights"), PAPER_ARCHITECTURE, (48, 48, 48), seed=1)
 
 
 @pytest.fixture(scope="session")
