@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 from pydicom.dataset import Dataset
 
 from tests.api.conftest import Service, embedded_service  # noqa: F401  (the fixture, started once per run)
 from tests.dicom.conftest import PATIENT_ID, PATIENT_NAME, multipart, part10
+
+pytestmark = pytest.mark.slow  # a real icr serve process
 
 
 def test_patient_identity_stays_out_of_the_logs(embedded_service: Service, pair: dict[str, list[Dataset]],  # noqa: F811

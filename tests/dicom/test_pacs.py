@@ -20,6 +20,8 @@ from tests.dicom import orthanc
 from tests.dicom.conftest import part10
 from tests.dicom.test_outputs import dice, rasterise
 
+pytestmark = pytest.mark.slow  # starts an Orthanc process
+
 
 def as_files(datasets: list[Dataset]) -> list[Dataset]:
     """As a modality sends them: Part 10 files, preamble included."""

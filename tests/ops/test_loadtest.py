@@ -44,6 +44,7 @@ def test_only_loopback_targets_without_allow_remote() -> None:
     assert not _loopback("http://192.0.2.1:8000")  # TEST-NET-1, never a loopback address
 
 
+@pytest.mark.slow  # starts an icr serve process
 def test_loadtest_against_a_running_service(tiny_weights: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ICR_") and k != "REDIS_URL"}
     env.update({"ICR_WEIGHTS": str(tiny_weights), "ICR_DEVICE": "cpu", "ICR_TORCH_THREADS": "1",

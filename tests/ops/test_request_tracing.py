@@ -18,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.bench.processes import Process, free_port, start_process, wait_ready
 
+pytestmark = pytest.mark.slow  # starts icr serve and icr worker processes
+
 PATIENT_FILE_NAME = "DOE^JOHN-1960-ct.nii.gz"
 
 
