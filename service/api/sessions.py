@@ -226,10 +226,11 @@ class Sessions:
             raise errors.NoEngine("no engine worker is alive; start one with 'icr worker'")
         return workers
 
-    def _engine_grid(self) -> tuple[tuple[int, int, int], float]:
+    def _engine_grid(self) -> tuple[tuple[int, int, int], float, str]:
+        """The grid shape, spacing and weights digest a live worker serves (one read of the workers)."""
         worker = self._live_workers()[0]
         shape = tuple(int(n) for n in worker["grid_shape"])
-        return (shape[0], shape[1], shape[2]), float(worker.get("spacing_mm", 1.0))
+        return (shape[0], shape[1], shape[2]), float(worker.get("spacing_mm", 1.0)), str(worker.get("weights", "unknown"))
 
     def create(
         self, ct: Volume, pet: Volume, centre: np.ndarray | None, owner: str | None,
@@ -237,7 +238,7 @@ class Sessions:
     ) -> SessionView:
         """A session on a CT/PET pair (see service.api.uploads.read_images); ``centre`` in world mm."""
         overlap = overlap_centre(ct, pet)
-        shape, spacing = self._engine_grid()
+        shape, spacing, weights = self._engine_grid()
         placement = self._place(ct, pet, centre, overlap, shape[0] * spacing)
         grid = WorkingGrid.around(placement["centre_mm"], shape, spacing)
         if centre is not None:
@@ -255,7 +256,7 @@ class Sessions:
             original_shape=ct.shape,
             original_affine=tuple(tuple(float(v) for v in row) for row in ct.affine),
             created_at=time.time(),
-            source=None if source is None else {**source, "weights": self._engine_weights()},
+            source=None if source is None else {**source, "weights": weights},
             placement=placement,
         )
         limit = self.settings.max_sessions_per_key
@@ -292,11 +293,6 @@ class Sessions:
                 return found.to_dict()
         return {"centre_mm": [float(v) for v in overlap],
                 "reason": "no PET hotspot found in a head-and-neck band: the middle of the CT/PET overlap"}
-
-    def _engine_weights(self) -> str:
-        """The checkpoint digest of a live worker: the algorithm a DICOM output names."""
-        workers = self.queue.live_workers()
-        return str(workers[0].get("weights", "unknown")) if workers else "unknown"
 
     def _forget(self, session_id: str) -> None:
         try:
