@@ -127,7 +127,7 @@ def _worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     Worker(engine, store, store, name=args.name, claim_idle_s=settings.claim_idle_s,
-           honour_clicks=settings.honour_clicks).run(stop)
+           honour_clicks=settings.honour_clicks, border_passes=settings.border_passes).run(stop)
     return 0
 
 

@@ -44,6 +44,13 @@ class Settings(BaseSettings):
         description="The click guarantee: every click's label is set in a small ball around it before the "
         "mask is made and the probability stored (service/engine/guarantee.py). Off only for research.",
     )
+    border_passes: int = Field(
+        1,
+        ge=0,
+        le=6,
+        description="Extra passes a job may run when its mask reaches a border of its window that the CT "
+        "continues beyond (the window shifted half an edge that way; service/engine/windows.py); 0: none.",
+    )
     api_keys: SecretStr | None = Field(
         None, description="Comma-separated API keys; when set, a bearer key is required and owns its sessions."
     )

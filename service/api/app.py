@@ -65,9 +65,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             memory = MemoryStore(session_ttl_s=settings.session_ttl_s)
             store, queue = memory, memory
             worker = Worker(engine or load_engine(settings), memory, memory, name="embedded",
-                            honour_clicks=settings.honour_clicks)
+                            honour_clicks=settings.honour_clicks, border_passes=settings.border_passes)
             memory.heartbeat(worker.name, worker.info())
-            worker_thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"poll_s": 0.5},
+            # the in-process queue wait is cheap, and shutdown waits for it: a short one stops the app promptly
+            worker_thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"poll_s": 0.05},
                                              name="icr-engine", daemon=True)
             worker_thread.start()
         app.state.sessions = Sessions(store, queue, settings)

@@ -20,7 +20,9 @@ class ClickIn(BaseModel):
     patient_mm: Vector3 | None = Field(
         None, description="DICOM patient coordinates in mm (LPS), as DICOM viewers show them."
     )
-    voxel: Index3 | None = Field(None, description="Working-grid voxel index (i, j, k).")
+    voxel: Index3 | None = Field(
+        None, description="Voxel index (i, j, k) on the session lattice: the session's `grid`, extended beyond its shape."
+    )
 
     @model_validator(mode="after")
     def _one_position(self) -> ClickIn:
@@ -76,6 +78,22 @@ class GridOut(BaseModel):
     affine: list[list[float]] = Field(description="Working-grid voxel to world (mm) affine.")
 
 
+class WindowOut(GridOut):
+    """The working window a version's `mask` and probability are on."""
+
+    offset: Index3 = Field(description="Session-lattice index of the window's voxel (0, 0, 0).")
+    windows: int = Field(description="How many windows the session's probability is stitched from.")
+
+
+class ExtentOut(BaseModel):
+    """Where clicks are accepted: the CT's extent."""
+
+    low: Index3 = Field(description="First session-lattice voxel inside the CT.")
+    high: Index3 = Field(description="Last session-lattice voxel inside the CT (inclusive).")
+    world_low_mm: Vector3 = Field(description="The CT's world box (RAS mm), low corner.")
+    world_high_mm: Vector3 = Field(description="The CT's world box (RAS mm), high corner.")
+
+
 class OriginalOut(BaseModel):
     shape: Index3
     affine: list[list[float]] = Field(description="The uploaded CT's voxel to world (mm) affine.")
@@ -84,7 +102,10 @@ class OriginalOut(BaseModel):
 class MaskSummary(BaseModel):
     voxels: int
     volume_ml: float
-    bbox_min: Index3 | None = Field(description="Inclusive working-grid bounding box; null when empty.")
+    bbox_min: Index3 | None = Field(
+        description="Inclusive bounding box of the whole session's mask (every window), on the session lattice; "
+        "null when empty."
+    )
     bbox_max: Index3 | None
 
 
@@ -113,9 +134,13 @@ class UncertaintyOut(BaseModel):
 
 
 class SessionFrame(BaseModel):
-    """Where a session lives: its working grid, the uploaded CT's geometry, its sources."""
+    """Where a session lives: its lattice, the uploaded CT's geometry, its sources."""
 
-    grid: GridOut
+    grid: GridOut = Field(
+        description="The first working window. Its voxel indices, extended beyond its shape, are the session "
+        "lattice that clicks (`voxel`) and bounding boxes use."
+    )
+    extent: ExtentOut
     original: OriginalOut
     expires_at: str
     source: SourceOut | None = Field(None, description="The DICOM series the session was made from; null for NIfTI.")
@@ -129,6 +154,7 @@ class SessionFrame(BaseModel):
 class SessionOut(SessionFrame):
     id: str
     version: int
+    window: WindowOut
     clicks: list[ClickOut]
     created_at: str
 
@@ -138,6 +164,7 @@ class ResultOut(BaseModel):
 
     id: str
     version: int
+    window: WindowOut = Field(description="The grid of `mask`: the window the networks worked in last.")
     clicks: list[ClickOut]
     summary: MaskSummary
     mask: EncodedMask

@@ -33,6 +33,7 @@ from service.api import errors, observability
 from service.api.schemas import (
     ClickIn,
     ClickOut,
+    ExtentOut,
     GridOut,
     MaskSummary,
     OriginalOut,
@@ -40,25 +41,30 @@ from service.api.schemas import (
     SourceOut,
     SuvOut,
     UncertaintyOut,
+    WindowOut,
 )
 from service.imaging.frames import patient_to_world, world_to_patient
 from service.imaging.grid import (
     WorkingGrid,
     check_centre,
+    describe_box,
+    lattice_extent,
     overlap_centre,
     preprocess,
     to_volume_grid,
+    world_box,
 )
 from service.imaging.localise import localise_tumour
+from service.imaging.scan import Scan, encode_scan
 from service.imaging.volume import ImageError, Volume
 from service.settings import Settings
-from service.store.codec import decode_array, decode_mask, encode_array
+from service.store.codec import decode_array, decode_mask
 from service.store.contract import (
     BLOB_MASK,
-    BLOB_PROBABILITY,
     Binding,
     Click,
     CommitResult,
+    Extent,
     IdempotencyClaim,
     Job,
     JobOutcome,
@@ -71,6 +77,7 @@ from service.store.contract import (
     SessionStore,
     StoreUnavailable,
     VersionRecord,
+    WindowRef,
 )
 
 log = logging.getLogger(__name__)
@@ -111,13 +118,21 @@ def fingerprint(operation: str, body: Any) -> str:
 
 @dataclasses.dataclass
 class SessionView:
-    """A session at one version, with what the wire schemas need."""
+    """A session at one version, with what the wire schemas need.
+
+    ``grid`` is the session's first working window; its voxel indices, extended beyond
+    its shape, are the session lattice that clicks and bounding boxes are given on.
+    ``window`` is the version's current window: the grid of its mask and probability."""
 
     record: SessionRecord
     version: VersionRecord
     grid: WorkingGrid
     mask_wire: dict[str, Any] | None = None
     probability: np.ndarray | None = None
+
+    @property
+    def window(self) -> WorkingGrid:
+        return self.grid.window(self.version.window.offset)
 
     def clicks_out(self) -> list[ClickOut]:
         return [
@@ -145,6 +160,20 @@ class SessionView:
             affine=self.grid.affine.tolist(),
         )
 
+    def window_out(self) -> WindowOut:
+        window = self.window
+        return WindowOut(
+            offset=self.version.window.offset,
+            shape=window.shape,
+            spacing_mm=window.spacing_mm,
+            origin_mm=window.origin_mm,
+            affine=window.affine.tolist(),
+            windows=len(self.version.windows),
+        )
+
+    def extent_out(self) -> ExtentOut:
+        return ExtentOut(**self.record.lattice_extent().to_dict())
+
     def original_out(self) -> OriginalOut:
         return OriginalOut(shape=self.record.original_shape, affine=[list(r) for r in self.record.original_affine])
 
@@ -171,6 +200,7 @@ class SessionView:
         return {
             "id": self.record.id,
             "version": self.version.version,
+            "window": self.window_out(),
             "clicks": self.clicks_out(),
             "summary": MaskSummary(**{k: v for k, v in self.version.summary.items() if k != "uncertainty"}),
             "mask": self.mask_wire,
@@ -203,16 +233,16 @@ class Sessions:
         """The session at ``version`` (default: current), with its probability decoded when asked."""
         number = record.version if version is None else version
         try:
-            if with_probability:
-                stored = self.store.load_blob(record.id, number, BLOB_PROBABILITY)
-                version_record, probability = stored.record, decode_array(stored.blob)
-            else:
-                version_record, probability = self.store.get_version(record.id, number), None
+            version_record = self.store.get_version(record.id, number)
+            probability = self.window_probability(record, version_record.window) if with_probability else None
         except SessionGone:
             raise
         except SessionNotFound as error:  # the session is there (it was just read): the version is not
             raise errors.VersionNotFound(f"session has no version {number}") from error
         return SessionView(record, version_record, WorkingGrid.from_dict(record.grid), probability=probability)
+
+    def window_probability(self, record: SessionRecord, window: WindowRef) -> np.ndarray:
+        return decode_array(self.store.load_blob(record.id, window.version, window.blob).blob)
 
     def answer(self, record: SessionRecord, version: int) -> SessionView:
         """The result of ``version`` from its record and packed mask (no probability decoded)."""
@@ -249,6 +279,8 @@ class Sessions:
         images = preprocess(ct, pet, grid).astype(np.float16)
         if not np.all(np.isfinite(images)):  # values whose normalisation overflows (float16 tops at 65504)
             raise errors.InvalidImage("ct/pet: voxel values are too extreme to normalise; check the units (HU, SUV)")
+        low, high = lattice_extent(ct, grid)
+        world_low, world_high = world_box(ct)
         record = SessionRecord(
             id=secrets.token_urlsafe(24),  # 192 random bits
             owner=owner,
@@ -258,13 +290,14 @@ class Sessions:
             created_at=time.time(),
             source=None if source is None else {**source, "weights": weights},
             placement=placement,
+            extent=Extent(_index3(low), _index3(high), _vector3(world_low), _vector3(world_high)).to_dict(),
         )
         limit = self.settings.max_sessions_per_key
         if not self.store.admit_session(owner or ANONYMOUS, record.id, limit):
             raise errors.QuotaExceeded(
                 f"this key holds {limit} live sessions (ICR_MAX_SESSIONS_PER_KEY); delete one or let one expire"
             )
-        record = self.store.create_session(record, encode_array(images))
+        record = self.store.create_session(record, encode_scan(Scan(ct, pet)))
         job = Job(id=uuid.uuid4().hex, session_id=record.id, kind="initial", base_version=-1,
                   request_id=request_id or logs.request_id.get())
         try:
@@ -387,21 +420,26 @@ class Sessions:
             )
 
     @staticmethod
-    def _to_click(index: int, click: ClickIn, grid: WorkingGrid) -> Click:
+    def _to_click(index: int, click: ClickIn, record: SessionRecord) -> Click:
+        """The click on the session lattice; anywhere inside the CT, else ClickOutsideVolume naming its extent."""
+        lattice = WorkingGrid.from_dict(record.grid)
+        extent = record.lattice_extent()
+        low, high = np.asarray(extent.low), np.asarray(extent.high)
         if click.voxel is not None:
-            voxel = np.asarray(click.voxel)
+            voxel = np.asarray(click.voxel, dtype=np.float64)
+            where = f"voxel {list(click.voxel)}"
+            inside = bool(np.all(voxel >= low) and np.all(voxel <= high))
         else:
-            world = patient_to_world(click.patient_mm) if click.patient_mm is not None else click.world_mm
-            voxel = np.rint(grid.world_to_voxel(np.asarray(world, dtype=np.float64)))
-        if not grid.contains_voxel(voxel):
-            if click.voxel is not None:
-                where = f"voxel {list(click.voxel)}"
-            elif click.patient_mm is not None:
-                where = f"patient_mm {list(click.patient_mm)}"
-            else:
-                where = f"world_mm {list(click.world_mm or ())}"
+            world = np.asarray(patient_to_world(click.patient_mm) if click.patient_mm is not None else click.world_mm,
+                               dtype=np.float64)
+            where = f"patient_mm {list(click.patient_mm)}" if click.patient_mm is not None else f"world_mm {list(click.world_mm or ())}"
+            inside = bool(np.all(world >= extent.world_low_mm) and np.all(world <= extent.world_high_mm))
+            voxel = np.clip(np.rint(lattice.world_to_voxel(world)), low, high)  # within half a voxel of the CT's edge
+        if not inside:
             raise errors.ClickOutsideVolume(
-                f"clicks[{index}] at {where} lies outside the working grid of shape {list(grid.shape)}"
+                f"clicks[{index}] at {where} lies outside the CT, which spans "
+                f"{describe_box(np.asarray(extent.world_low_mm), np.asarray(extent.world_high_mm))}, "
+                f"lattice voxels {list(extent.low)} to {list(extent.high)}"
             )
         i, j, k = (int(v) for v in voxel)
         return Click(label=click.label, voxel=(i, j, k))
@@ -441,8 +479,7 @@ class Sessions:
             return replayed
         self.check_if_match(record, if_match)
         self._check_click_limits(record, len(clicks))
-        grid = WorkingGrid.from_dict(record.grid)
-        new = tuple(self._to_click(n, click, grid) for n, click in enumerate(clicks))
+        new = tuple(self._to_click(n, click, record) for n, click in enumerate(clicks))
         job = Job(
             id=uuid.uuid4().hex, session_id=record.id, kind="refine",
             base_version=record.version, new_clicks=new, request_id=request_id or logs.request_id.get(),
@@ -492,13 +529,18 @@ class Sessions:
 
     # -- volumes --------------------------------------------------------------------
     def mask_volume(self, view: SessionView, space: str) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 mask, affine) in the working grid or on the uploaded CT's grid."""
+        """(uint8 mask, affine) in the current window or on the uploaded CT's grid (every window)."""
         if space == "working":
-            return view.mask().astype(np.uint8), view.grid.affine
+            return view.mask().astype(np.uint8), view.window.affine
         affine = np.asarray(view.record.original_affine, dtype=np.float64)
-        assert view.probability is not None
-        on_ct = to_volume_grid(view.probability, view.grid, view.record.original_shape, affine)
+        pieces = [(self.window_probability(view.record, ref), view.grid.window(ref.offset)) for ref in view.version.windows]
+        on_ct = to_volume_grid(pieces, view.record.original_shape, affine)
         return (on_ct > 0.5).astype(np.uint8), affine
+
+
+def _index3(values: np.ndarray) -> tuple[int, int, int]:
+    i, j, k = (int(v) for v in values)
+    return i, j, k
 
 
 def _vector3(values: np.ndarray) -> tuple[float, float, float]:

@@ -8,12 +8,16 @@ worker keeps its claim alive and heartbeats; a worker that dies stops both and i
 job is taken over by another. A store outage never kills the worker: it waits with
 backoff and carries on, re-registering its heartbeat when the store is back.
 
-The click guarantee (:mod:`service.engine.guarantee`) is applied to every pass before
-its probability is stored, unless ``honour_clicks`` is off (research and evaluation).
+A job runs its passes in the session's working windows (:mod:`service.engine.windows`:
+which window a click uses, the memory where no window reached yet, the border rule)
+and stores only the windows it computed. The click guarantee
+(:mod:`service.engine.guarantee`) is applied to every pass before its probability is
+stored, unless ``honour_clicks`` is off (research and evaluation).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -28,16 +32,22 @@ from typing import Any
 import numpy as np
 
 from service import logs, metrics
+from service.engine import windows
 from service.engine.ensemble import Engine
 from service.engine.guarantee import honour_clicks, honour_radius_voxels
-from service.engine.outputs import version_blobs
-from service.engine.uncertainty import encode_uncertainty, summarise, votes_after_clicks
+from service.engine.outputs import mask_blob, mask_summary, stored_probability
+from service.engine.uncertainty import Uncertainty, encode_uncertainty, summarise, votes_after_clicks
+from service.engine.windows import Canvas
+from service.imaging.grid import WorkingGrid, preprocess
+from service.imaging.scan import Scan, decode_scan
 from service.store.codec import decode_array
 from service.store.contract import (
+    BLOB_MASK,
     BLOB_PROBABILITY,
     BLOB_UNCERTAINTY,
     Click,
     CommitResult,
+    Extent,
     Job,
     JobOutcome,
     JobQueue,
@@ -47,12 +57,15 @@ from service.store.contract import (
     SessionStore,
     StoreUnavailable,
     VersionRecord,
+    WindowRef,
 )
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
-IMAGE_CACHE_SESSIONS = 4
+SCAN_CACHE_SESSIONS = 2  # decoded scans (a whole-body CT is a few hundred MB as float32)
+IMAGE_CACHE_WINDOWS = 16  # preprocessed network inputs of recent windows
+WINDOW_CACHE = 64  # decoded window probabilities (they never change once stored)
 OUTAGE_BACKOFF_S = (0.2, 5.0)  # first and longest wait while the store is unreachable
 
 _OUTCOMES = {
@@ -74,14 +87,18 @@ class Worker:
         name: str | None = None,
         claim_idle_s: float = 30.0,
         honour_clicks: bool = True,
+        border_passes: int = 1,
     ) -> None:
         self.engine = engine
         self.store = store
         self.queue = queue
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._keep_alive_s = max(claim_idle_s / 3, 0.05)
-        self._images: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._scans: OrderedDict[str, Scan] = OrderedDict()
+        self._images: OrderedDict[tuple[str, tuple[float, ...]], np.ndarray] = OrderedDict()
+        self._windows: OrderedDict[tuple[str, WindowRef], np.ndarray] = OrderedDict()
         self.honour_clicks = honour_clicks
+        self.border_passes = border_passes
         metrics.watch_device(engine.device)
 
     # -- loop -------------------------------------------------------------------
@@ -181,48 +198,147 @@ class Worker:
             return JobOutcome(job.id, OutcomeStatus.FAILED, message=f"engine error: {type(error).__name__}")
 
     # -- one job ----------------------------------------------------------------
-    def _session_images(self, session_id: str) -> np.ndarray:
-        if session_id in self._images:
-            self._images.move_to_end(session_id)
-            return self._images[session_id]
-        images = decode_array(self.store.load_images(session_id)).astype(np.float32)
-        self._images[session_id] = images
-        while len(self._images) > IMAGE_CACHE_SESSIONS:
+    def _scan(self, session_id: str) -> Scan:
+        if session_id in self._scans:
+            self._scans.move_to_end(session_id)
+            return self._scans[session_id]
+        scan = decode_scan(self.store.load_scan(session_id))
+        self._scans[session_id] = scan
+        while len(self._scans) > SCAN_CACHE_SESSIONS:
+            self._scans.popitem(last=False)
+        return scan
+
+    def _window_images(self, session_id: str, window: WorkingGrid) -> np.ndarray:
+        key = (session_id, window.origin_mm)
+        if key in self._images:
+            self._images.move_to_end(key)
+            return self._images[key]
+        scan = self._scan(session_id)
+        images = preprocess(scan.ct, scan.pet, window)
+        self._images[key] = images
+        while len(self._images) > IMAGE_CACHE_WINDOWS:
             self._images.popitem(last=False)
         return images
 
     def process(self, job: Job) -> JobOutcome:
-        images = self._session_images(job.session_id)
+        session = self.store.get_session(job.session_id, touch=False)
+        lattice = WorkingGrid.from_dict(session.grid)
+        extent = session.lattice_extent()
         version = job.base_version + 1
-        clicks: tuple[Click, ...] = ()
         started = time.perf_counter()
         if job.kind == "initial":
-            result_pass = self.engine.initial_pass(images)
+            base_windows: tuple[WindowRef, ...] = ()
+            clicks: tuple[Click, ...] = ()
+            targets = [FIRST_WINDOW]
             parent = None
         else:
-            base = self.store.load_blob(job.session_id, job.base_version, BLOB_PROBABILITY)
-            previous = decode_array(base.blob)
-            clicks = base.record.clicks + job.new_clicks
-            result_pass = self.engine.refine_pass(images, previous, clicks, new_clicks=len(job.new_clicks))
+            base = self.store.get_version(job.session_id, job.base_version)
+            base_windows, clicks = base.windows, base.clicks + job.new_clicks
+            targets = windows.plan(job.new_clicks, base.window.offset, lattice.shape, extent)
             parent = job.base_version
-        spacing = self.engine.checkpoint.spacing_mm
-        probability, votes = result_pass.probability, result_pass.votes
-        if self.honour_clicks:
-            radius = honour_radius_voxels(spacing)
-            probability = honour_clicks(probability, clicks, radius)
-            votes = votes_after_clicks(votes, result_pass.members, clicks, radius)
+        canvas = Canvas(base_windows, lattice.shape, lambda ref: self._stored_window(job.session_id, ref))
+        run = _JobRun(job, version, lattice, extent, canvas, clicks, self.border_passes)
+        for n, offset in enumerate(targets):
+            current = self._pass(run, offset, name=BLOB_PROBABILITY if n == len(targets) - 1 else f"{BLOB_PROBABILITY}.{n}")
+            self._extend(run, current)
         encoding = time.perf_counter()
-        blobs, summary = version_blobs(probability, spacing)
-        disagreement = summarise(votes, result_pass.members, probability, spacing)
-        blobs[BLOB_UNCERTAINTY] = encode_uncertainty(votes, disagreement)
-        summary["uncertainty"] = disagreement.to_dict()
+        summary = self._summary(run)
         record = VersionRecord(
-            version=version, parent=parent, clicks=clicks, job_id=job.id, probability_of=version, summary=summary
+            version=version, parent=parent, clicks=clicks, job_id=job.id, probability_of=version,
+            summary=summary, windows=tuple(canvas.windows),
         )
         committing = time.perf_counter()
-        result = self.store.commit_version(job.session_id, job.base_version, record, blobs)
+        result = self.store.commit_version(job.session_id, job.base_version, record, run.blobs)
         metrics.observe_phase(job.kind, "engine", encoding - started)
         metrics.observe_phase(job.kind, "encode", committing - encoding)
         metrics.observe_phase(job.kind, "commit", time.perf_counter() - committing)
         status = _OUTCOMES[result]
         return JobOutcome(job.id, status, version=version if status is OutcomeStatus.DONE else None)
+
+    def _stored_window(self, session_id: str, ref: WindowRef) -> np.ndarray:
+        key = (session_id, ref)
+        if key not in self._windows:
+            self._windows[key] = decode_array(self.store.load_blob(session_id, ref.version, ref.blob).blob)
+            while len(self._windows) > WINDOW_CACHE:
+                self._windows.popitem(last=False)
+        return self._windows[key]
+
+    def _pass(self, run: _JobRun, offset: windows.Offset, *, name: str, under: WindowRef | None = None) -> WindowRef:
+        """One pass in the window at ``offset``: its memory composed from the session (the initial
+        ensemble where no window reached yet), the clicks it holds, the guarantee; recorded in the canvas."""
+        grid = run.lattice.window(offset)
+        images = self._window_images(run.job.session_id, grid)
+        memory, covered = run.canvas.compose(offset, grid.shape)
+        clicks = windows.local_clicks(run.clicks, offset)
+        first = None
+        if run.job.kind == "initial" or not covered.all():
+            first = self.engine.initial_pass(images)
+            memory = np.where(covered, memory, first.probability)
+        if first is not None and run.job.kind == "initial":
+            result_pass = first
+        else:
+            shown = windows.inside(clicks, grid.shape)
+            new = sum(1 for c in windows.local_clicks(run.job.new_clicks, offset) if c in shown)
+            result_pass = self.engine.refine_pass(images, memory, shown, new_clicks=new)
+        probability, votes = result_pass.probability, result_pass.votes
+        if self.honour_clicks:
+            radius = honour_radius_voxels(run.lattice.spacing_mm)
+            probability = honour_clicks(probability, clicks, radius)
+            votes = votes_after_clicks(votes, result_pass.members, clicks, radius)
+        blob, stored = stored_probability(probability)
+        ref = WindowRef(offset, run.version, name)
+        run.canvas.add(ref, stored, under=under)
+        run.blobs[name] = blob
+        if under is None:  # the window the version shows
+            run.blobs[BLOB_MASK] = mask_blob(stored > 0.5)
+            disagreement = summarise(votes, result_pass.members, stored, run.lattice.spacing_mm)
+            run.blobs[BLOB_UNCERTAINTY] = encode_uncertainty(votes, disagreement)
+            run.uncertainty = dataclasses.replace(disagreement, suggested_click=_on_lattice(disagreement.suggested_click, offset))
+        run.passes += 1
+        return ref
+
+    def _extend(self, run: _JobRun, window: WindowRef) -> None:
+        """The border rule (service.engine.windows): a mask that reaches the window's border gets
+        another pass in the window shifted towards it, kept under the window it extends."""
+        if run.extensions_left <= 0:
+            return
+        shifted = windows.border_shift(run.canvas.probability(window) > 0.5, window.offset, run.extent)
+        if shifted is None:
+            return
+        run.extensions_left -= 1
+        self._pass(run, shifted, name=f"{BLOB_PROBABILITY}.border{run.passes}", under=window)
+
+    def _summary(self, run: _JobRun) -> dict[str, Any]:
+        """The mask summary over every window of the version, and the current window's disagreement."""
+        low, shape = run.canvas.union_box()
+        probability, _ = run.canvas.compose(low, shape)
+        summary = mask_summary(probability > 0.5, run.lattice.spacing_mm, low)
+        assert run.uncertainty is not None
+        summary["uncertainty"] = run.uncertainty.to_dict()
+        return summary
+
+
+FIRST_WINDOW: windows.Offset = (0, 0, 0)
+
+
+@dataclasses.dataclass
+class _JobRun:
+    """What the passes of one job share."""
+
+    job: Job
+    version: int
+    lattice: WorkingGrid
+    extent: Extent
+    canvas: Canvas
+    clicks: tuple[Click, ...]
+    extensions_left: int
+    blobs: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    uncertainty: Uncertainty | None = None
+    passes: int = 0
+
+
+def _on_lattice(click: Click | None, offset: windows.Offset) -> Click | None:
+    if click is None:
+        return None
+    i, j, k = (v + o for v, o in zip(click.voxel, offset))
+    return Click(click.label, (i, j, k))

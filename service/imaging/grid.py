@@ -72,6 +72,13 @@ class WorkingGrid:
         indices = np.asarray(voxels, dtype=np.float64)
         return indices * self.spacing_mm + np.asarray(self.origin_mm)
 
+    def window(self, offset: Sequence[int], shape: Sequence[int] | None = None) -> WorkingGrid:
+        """The grid of ``shape`` (default: this one's) whose voxel (0, 0, 0) is this grid's voxel ``offset``:
+        a working window on the lattice this grid's voxels span, extended without end."""
+        i, j, k = (int(n) for n in (self.shape if shape is None else shape))
+        x, y, z = (float(v) for v in self.voxel_to_world(np.asarray(offset, dtype=np.float64)))
+        return WorkingGrid(shape=(i, j, k), spacing_mm=self.spacing_mm, origin_mm=(x, y, z))
+
     def contains_voxel(self, voxel: npt.ArrayLike) -> bool:
         """Whether an integer voxel index lies inside the grid, i.e. 0 <= v < n on every axis."""
         index = np.asarray(voxel, dtype=np.float64).reshape(-1)
@@ -139,19 +146,37 @@ def check_centre(centre_mm: np.ndarray, ct: Volume, pet: Volume, grid: WorkingGr
         )
 
 
+def lattice_extent(volume: Volume, lattice: WorkingGrid) -> tuple[np.ndarray, np.ndarray]:
+    """The lattice voxels (low, high; inclusive, int) whose centres lie inside ``volume``'s world box."""
+    low, high = world_box(volume)
+    first = np.ceil(lattice.world_to_voxel(low) - 1e-6).astype(int)
+    last = np.floor(lattice.world_to_voxel(high) + 1e-6).astype(int)
+    return first, np.maximum(last, first)
+
+
 def resample(volume: Volume, grid: WorkingGrid, *, order: int = 1, fill: float = 0.0) -> np.ndarray:
     """Sample ``volume`` at every working-grid voxel centre, matched by world position.
 
     Grid points outside the image get ``fill``. Returns float32 of ``grid.shape``.
+    With linear (or nearest) interpolation only the block of the image the grid covers
+    is read, so a window costs the same in a whole-body scan as in a small crop.
     """
-    return _pull(
-        volume.array,
-        source_affine=volume.affine,
-        target_shape=grid.shape,
-        target_affine=grid.affine,
-        order=order,
-        fill=fill,
-    )
+    source, affine = volume.array, volume.affine
+    if order <= 1:
+        block = _covered_block(grid, volume.shape, volume.affine)
+        if block is None:
+            return np.full(grid.shape, fill, dtype=np.float32)
+        start, stop = block
+        source = source[tuple(slice(a, b) for a, b in zip(start, stop))]
+        affine = _shifted(affine, start)
+    return _pull(source, source_affine=affine, target_shape=grid.shape, target_affine=grid.affine, order=order, fill=fill)
+
+
+def _shifted(affine: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """The affine of a block of an image whose first voxel is ``start``."""
+    moved = np.array(affine, dtype=np.float64, copy=True)
+    moved[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
+    return moved
 
 
 def normalise_ct(hu: np.ndarray) -> np.ndarray:
@@ -179,37 +204,34 @@ def preprocess(ct: Volume, pet: Volume, grid: WorkingGrid) -> np.ndarray:
 
 
 def to_volume_grid(
-    probability: np.ndarray,
-    grid: WorkingGrid,
+    pieces: Sequence[tuple[np.ndarray, WorkingGrid]],
     shape: Sequence[int],
     affine: npt.ArrayLike,
 ) -> np.ndarray:
-    """Map a working-grid array onto another image grid (e.g. the uploaded CT's).
+    """Map working-grid arrays (``(array, grid)`` pieces, e.g. a session's windows) onto another
+    image grid (e.g. the uploaded CT's).
 
-    Trilinear, matched by world position; target voxels outside the working grid are 0.
-    Only the block of the target that the working grid covers is interpolated, since
-    the working grid is usually far smaller than a whole-body CT.
+    Trilinear, matched by world position; a later piece replaces an earlier one where it
+    reaches (between its voxel centres); target voxels no piece reaches are 0. Only the
+    block of the target each piece covers is interpolated, since a working window is
+    usually far smaller than a whole-body CT.
     """
-    values = np.asarray(probability, dtype=np.float32)
-    if values.shape != grid.shape:
-        raise ValueError(f"array shape {values.shape} does not match the grid {grid.shape}")
     target_shape = tuple(int(n) for n in shape)
     target_affine = np.asarray(affine, dtype=np.float64)
     result = np.zeros(target_shape, dtype=np.float32)
-    block = _covered_block(grid, target_shape, target_affine)
-    if block is None:
-        return result
-    start, stop = block
-    block_affine = target_affine.copy()
-    block_affine[:3, 3] = target_affine[:3, :3] @ start + target_affine[:3, 3]
-    result[tuple(slice(a, b) for a, b in zip(start, stop))] = _pull(
-        values,
-        source_affine=grid.affine,
-        target_shape=tuple(int(n) for n in stop - start),
-        target_affine=block_affine,
-        order=1,
-        fill=0.0,
-    )
+    for array, grid in pieces:
+        values = np.asarray(array, dtype=np.float32)
+        if values.shape != grid.shape:
+            raise ValueError(f"array shape {values.shape} does not match the grid {grid.shape}")
+        block = _covered_block(grid, target_shape, target_affine)
+        if block is None:
+            continue
+        start, stop = block
+        where = tuple(slice(a, b) for a, b in zip(start, stop))
+        pulled = _pull(values, source_affine=grid.affine, target_shape=tuple(int(n) for n in stop - start),
+                       target_affine=_shifted(target_affine, start), order=1, fill=np.nan)
+        reached = ~np.isnan(pulled)
+        result[where][reached] = pulled[reached]
     return result
 
 

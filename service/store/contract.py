@@ -3,8 +3,16 @@ that both backends (Redis, in-process) implement. The API and the engine meet on
 here; everything crosses as JSON or the array blobs of :mod:`service.store.codec`.
 
 Session state is versioned. Version ``k`` has a :class:`VersionRecord` (its clicks,
-the version it came from, the job that made it, its mask summary) and its blobs: the
-probability (the next pass's memory) and the packed mask the API answers with. A
+the version it came from, the job that made it, its mask summary, its working windows)
+and its blobs: the probability of each window it computed (the next pass's memory) and
+the packed mask of its current window, which the API answers with.
+
+A session covers its whole scan (the CT and PET as uploaded, stored once). The networks
+see working windows of the checkpoint's grid shape placed on the session's lattice (the
+voxels of the first window's grid, extended without end); a version lists the windows
+computed so far as :class:`WindowRef` s, each naming the version and blob that hold its
+probability, so a click stores only the windows it recomputed (see
+:mod:`service.engine.windows`). A
 commit names the version it was computed from and lands only while that is still the
 current one, so a late result never overwrites a newer version. Undo commits a new
 version that points at an older version's blobs, so history is kept without copies.
@@ -76,12 +84,53 @@ class Click:
 
 
 @dataclass(frozen=True)
+class WindowRef:
+    """A working window of a version: its first voxel on the session lattice and where its probability is
+    stored (blob ``blob`` of version ``version``). All windows of a session have the grid's shape."""
+
+    offset: tuple[int, int, int]
+    version: int
+    blob: str = BLOB_PROBABILITY
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"offset": list(self.offset), "version": self.version, "blob": self.blob}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WindowRef:
+        i, j, k = (int(v) for v in data["offset"])
+        return cls(offset=(i, j, k), version=int(data["version"]), blob=str(data["blob"]))
+
+
+@dataclass(frozen=True)
+class Extent:
+    """The session lattice's voxels the CT spans (``low`` to ``high``, inclusive) and its world box (RAS mm)."""
+
+    low: tuple[int, int, int]
+    high: tuple[int, int, int]
+    world_low_mm: tuple[float, float, float]
+    world_high_mm: tuple[float, float, float]
+
+    def contains(self, voxel: Any) -> bool:
+        return all(lo <= int(v) <= hi for v, lo, hi in zip(voxel, self.low, self.high))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Extent:
+        low, high = (tuple(int(v) for v in data[side]) for side in ("low", "high"))
+        world_low, world_high = (tuple(float(v) for v in data[side]) for side in ("world_low_mm", "world_high_mm"))
+        return cls((low[0], low[1], low[2]), (high[0], high[1], high[2]),
+                   (world_low[0], world_low[1], world_low[2]), (world_high[0], world_high[1], world_high[2]))
+
+
+@dataclass(frozen=True)
 class SessionRecord:
     """What a session is, independent of its versions."""
 
     id: str
     owner: str | None
-    grid: dict[str, Any]
+    grid: dict[str, Any]  # the first working window; its voxel indices, extended, are the session lattice
     original_shape: tuple[int, int, int]
     original_affine: tuple[tuple[float, ...], ...]
     created_at: float
@@ -90,6 +139,16 @@ class SessionRecord:
     click_count: int = 0  # clicks of the current version
     placement: dict[str, Any] | None = None  # where the working window was placed and why
     source: dict[str, Any] | None = None  # DICOM inputs (service.dicom.source.session_source); None for NIfTI
+    extent: dict[str, Any] | None = None  # Extent.to_dict(): where the CT lies on the session lattice
+
+    def lattice_extent(self) -> Extent:
+        """The CT's extent on the session lattice; a record made without one spans its first window."""
+        if self.extent is not None:
+            return Extent.from_dict(self.extent)
+        i, j, k = (int(n) - 1 for n in self.grid["shape"])
+        spacing = float(self.grid["spacing_mm"])
+        x, y, z = (float(v) for v in self.grid["origin_mm"])
+        return Extent((0, 0, 0), (i, j, k), (x, y, z), (x + i * spacing, y + j * spacing, z + k * spacing))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -108,18 +167,30 @@ class VersionRecord:
     parent: int | None
     clicks: tuple[Click, ...]
     job_id: str
-    probability_of: int  # the version whose blobs (probability, mask) this version shows
+    probability_of: int  # the version whose blobs (mask, uncertainty) this version shows
     summary: dict[str, Any] = field(default_factory=dict)  # the mask's voxels, volume, bounding box
+    windows: tuple[WindowRef, ...] = ()  # composed in order, a later one over an earlier; the last is current
+
+    def __post_init__(self) -> None:
+        if not self.windows:  # a version of one window: the first, with its own probability
+            object.__setattr__(self, "windows", (WindowRef((0, 0, 0), self.probability_of, BLOB_PROBABILITY),))
+
+    @property
+    def window(self) -> WindowRef:
+        """The current window: the one the version's mask shows."""
+        return self.windows[-1]
 
     def to_json(self) -> str:
         data = asdict(self)
         data["clicks"] = [c.to_dict() for c in self.clicks]
+        data["windows"] = [w.to_dict() for w in self.windows]
         return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> VersionRecord:
         data = json.loads(text)
         data["clicks"] = tuple(Click.from_dict(c) for c in data["clicks"])
+        data["windows"] = tuple(WindowRef.from_dict(w) for w in data.get("windows", ()))
         return cls(**data)
 
 
@@ -243,8 +314,8 @@ class SessionStore(abc.ABC):
     def ping(self) -> bool: ...
 
     @abc.abstractmethod
-    def create_session(self, record: SessionRecord, images: bytes) -> SessionRecord:
-        """Store a new session (version -1) and its preprocessed images; sets expiry."""
+    def create_session(self, record: SessionRecord, scan: bytes) -> SessionRecord:
+        """Store a new session (version -1) and its scan (:mod:`service.imaging.scan`); sets expiry."""
 
     @abc.abstractmethod
     def get_session(self, session_id: str, *, touch: bool = True) -> SessionRecord:
@@ -255,14 +326,14 @@ class SessionStore(abc.ABC):
         """Remove all state; later reads raise SessionGone."""
 
     @abc.abstractmethod
-    def load_images(self, session_id: str) -> bytes: ...
+    def load_scan(self, session_id: str) -> bytes: ...
 
     @abc.abstractmethod
     def get_version(self, session_id: str, version: int) -> VersionRecord: ...
 
     @abc.abstractmethod
     def load_blob(self, session_id: str, version: int, name: str) -> VersionBlob:
-        """The version's record and its blob ``name`` (``BLOB_PROBABILITY``, ``BLOB_MASK``:
+        """The version's record and its blob ``name`` (a window's probability, ``BLOB_MASK``:
         the packed mask's wire form as JSON), following ``probability_of``; one read."""
 
     @abc.abstractmethod
@@ -276,7 +347,7 @@ class SessionStore(abc.ABC):
         idempotency: IdempotencyClaim | None = None,
     ) -> CommitResult:
         """Atomically make ``record`` current if ``base_version`` is still current, store
-        its ``blobs`` (``BLOB_PROBABILITY``, ``BLOB_MASK``; none when it reuses an older
+        its ``blobs`` (its windows' probabilities, ``BLOB_MASK``; none when it reuses an older
         version's, as undo does) and mark its job done, all in one step; ``idempotency``'s
         key is bound to ``record.job_id`` in that step too. Nothing is written when the job
         was cancelled or when the key is already bound (``BOUND``)."""

@@ -38,7 +38,7 @@ from service.store.contract import (
 @dataclass
 class _Session:
     record: SessionRecord
-    images: bytes
+    scan: bytes
     versions: dict[int, VersionRecord] = field(default_factory=dict)
     blobs: dict[tuple[str, int], bytes] = field(default_factory=dict)
     jobs: dict[str, JobOutcome] = field(default_factory=dict)
@@ -85,12 +85,12 @@ class MemoryStore(SessionStore, JobQueue):
         for session_id in [s for s, until in self._tombstones.items() if until <= now]:
             del self._tombstones[session_id]
 
-    def create_session(self, record: SessionRecord, images: bytes) -> SessionRecord:
+    def create_session(self, record: SessionRecord, scan: bytes) -> SessionRecord:
         now = time.time()
         record = dataclasses.replace(record, version=-1, expires_at=now + self._ttl)
         with self._lock:
             self._sweep(now)
-            self._sessions[record.id] = _Session(record=record, images=images)
+            self._sessions[record.id] = _Session(record=record, scan=scan)
         return record
 
     def get_session(self, session_id: str, *, touch: bool = True) -> SessionRecord:
@@ -104,9 +104,9 @@ class MemoryStore(SessionStore, JobQueue):
             self._tombstones[session_id] = time.time() + self._tombstone_ttl
             self._changed.notify_all()
 
-    def load_images(self, session_id: str) -> bytes:
+    def load_scan(self, session_id: str) -> bytes:
         with self._lock:
-            return self._live(session_id, touch=False).images
+            return self._live(session_id, touch=False).scan
 
     def _version(self, session: _Session, version: int) -> VersionRecord:
         if version not in session.versions:
@@ -276,6 +276,6 @@ class MemoryStore(SessionStore, JobQueue):
         with self._lock:
             self._sweep(now)
             sessions = list(self._sessions.values())
-            stored = sum(len(s.images) + sum(len(b) for b in s.blobs.values()) for s in sessions)
+            stored = sum(len(s.scan) + sum(len(b) for b in s.blobs.values()) for s in sessions)
         return StoreStats(queued=queued, pending=pending, oldest_queued_age_s=max(age_s, 0.0),
                           sessions=len(sessions), bytes_stored=stored)

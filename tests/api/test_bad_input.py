@@ -126,12 +126,14 @@ def test_bad_clicks_leave_the_session_untouched(service: Service, ct_pet_files: 
     created = client.post("/v1/sessions", files=files).json()
     sid = created["id"]
     url = f"/v1/sessions/{sid}/clicks"
-    _problem(client.post(url, json={"clicks": [{"label": "foreground", "voxel": [32, 0, 0]}]}), 422, "clicks[0]")
-    _problem(client.post(url, json={"clicks": [{"label": "foreground", "voxel": [-1, 5, 5]}]}), 422, "outside")
+    beyond = [created["extent"]["high"][0] + 1, *created["extent"]["low"][1:]]
+    before = [created["extent"]["low"][0] - 1, *created["extent"]["low"][1:]]
+    _problem(client.post(url, json={"clicks": [{"label": "foreground", "voxel": beyond}]}), 422, "clicks[0]")
+    _problem(client.post(url, json={"clicks": [{"label": "foreground", "voxel": before}]}), 422, "outside the CT")
     _problem(
         client.post(url, json={"clicks": [{"label": "background", "voxel": [1, 1, 1]},
                                           {"label": "foreground", "world_mm": [900.0, 0.0, 0.0]}]}),
-        422, "clicks[1]",
+        422, "clicks[1] at world_mm [900.0, 0.0, 0.0] lies outside the CT, which spans x ",
     )
     _problem(client.post(url, json={"clicks": [{"label": "tumour", "voxel": [1, 1, 1]}]}), 422, "label")
     _problem(client.post(url, json={"clicks": [{"label": "foreground"}]}), 422, "exactly one")

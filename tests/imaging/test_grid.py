@@ -183,7 +183,7 @@ def test_working_grid_blob_maps_back_onto_the_ct_grid() -> None:
     index = np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij"), axis=-1)
     probability = np.exp(-np.sum((index - blob_voxel) ** 2, axis=-1) / (2 * 3.0**2))
 
-    on_ct = to_volume_grid(probability, grid, CT_SHAPE, CT_AFFINE)
+    on_ct = to_volume_grid([(probability, grid)], CT_SHAPE, CT_AFFINE)
 
     assert on_ct.dtype == np.float32 and on_ct.shape == CT_SHAPE
     np.testing.assert_allclose(world_centroid(on_ct, CT_AFFINE), LESION_MM, atol=0.5)
@@ -202,14 +202,14 @@ def test_to_volume_grid_matches_full_interpolation() -> None:
     source_voxels = grid.world_to_voxel(voxel_centres_mm(shape, CT_AFFINE).reshape(-1, 3))
     expected = ndimage.map_coordinates(probability, source_voxels.T, order=1, mode="constant")
 
-    on_ct = to_volume_grid(probability, grid, shape, CT_AFFINE)
+    on_ct = to_volume_grid([(probability, grid)], shape, CT_AFFINE)
     np.testing.assert_allclose(on_ct, expected.reshape(shape), atol=1e-6)
     assert on_ct.any() and not on_ct.all()
 
 
 def test_to_volume_grid_outside_the_image_is_all_zero() -> None:
     grid = WorkingGrid.around((0.0, 0.0, 0.0), (8, 8, 8), 1.0)
-    on_ct = to_volume_grid(np.ones(grid.shape), grid, CT_SHAPE, CT_AFFINE)
+    on_ct = to_volume_grid([(np.ones(grid.shape), grid)], CT_SHAPE, CT_AFFINE)
     assert on_ct.shape == CT_SHAPE and not on_ct.any()
 
 

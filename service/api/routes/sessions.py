@@ -108,6 +108,7 @@ def get_session(session_id: str, sessions: SessionsDep, owner: OwnerDep, respons
     return SessionOut(
         id=view.record.id,
         version=view.version.version,
+        window=view.window_out(),
         clicks=view.clicks_out(),
         created_at=created_iso(view.record),
         **_frame(view),
@@ -118,6 +119,7 @@ def _frame(view: SessionView) -> dict[str, Any]:
     """The fields of :class:`SessionFrame`: where the session lives."""
     return {
         "grid": view.grid_out(),
+        "extent": view.extent_out(),
         "original": view.original_out(),
         "expires_at": expires_iso(view.record),
         "source": view.source_out(),
@@ -165,7 +167,10 @@ def get_mask(
     session_id: str,
     sessions: SessionsDep,
     owner: OwnerDep,
-    space: Annotated[Literal["working", "original"], Query(description="working grid or the uploaded CT's grid")] = "working",
+    space: Annotated[
+        Literal["working", "original"],
+        Query(description="working: the current window; original: the uploaded CT's grid, every window"),
+    ] = "working",
     format: Annotated[
         Literal["nifti", "dicom-seg", "rtstruct"],
         Query(description="nifti; or dicom-seg / rtstruct on the source CT series (sessions made from DICOM)"),
@@ -185,13 +190,13 @@ def get_mask(
 @router.get(
     "/{session_id}/probability",
     response_class=Response,
-    responses={200: {"content": {NIFTI_MEDIA_TYPE: {}}, "description": "float32 NIfTI on the working grid"}},
+    responses={200: {"content": {NIFTI_MEDIA_TYPE: {}}, "description": "float32 NIfTI on the current window"}},
     summary="The current probability as NIfTI",
 )
 def get_probability(session_id: str, sessions: SessionsDep, owner: OwnerDep) -> Response:
     view = sessions.view(sessions.ready_record(session_id, owner))
     assert view.probability is not None
-    return _nifti(write_nifti(view.probability, view.grid.affine, dtype="float32"), view, "probability")
+    return _nifti(write_nifti(view.probability, view.window.affine, dtype="float32"), view, "probability")
 
 
 def _nifti(payload: bytes, view: SessionView, name: str) -> Response:

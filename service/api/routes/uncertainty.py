@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 @router.get(
     "/{session_id}/uncertainty",
     response_class=Response,
-    responses={200: {"content": {NIFTI_MEDIA_TYPE: {}}, "description": "uint8 NIfTI on the working grid"}},
+    responses={200: {"content": {NIFTI_MEDIA_TYPE: {}}, "description": "uint8 NIfTI on the current window"}},
     summary="Per voxel, how many ensemble members vote foreground",
 )
 def get_uncertainty(session_id: str, sessions: SessionsDep, owner: OwnerDep) -> Response:
@@ -26,12 +26,12 @@ def get_uncertainty(session_id: str, sessions: SessionsDep, owner: OwnerDep) -> 
     ``uncertainty`` summary has the member count, the uncertain volume and a suggested click."""
     record = sessions.ready_record(session_id, owner)
     try:
-        blob = sessions.store.load_blob(record.id, record.version, BLOB_UNCERTAINTY).blob
+        stored = sessions.store.load_blob(record.id, record.version, BLOB_UNCERTAINTY)
     except SessionNotFound as error:
         raise UncertaintyNotAvailable(f"version {record.version} was computed without the members' votes") from error
-    grid = WorkingGrid.from_dict(record.grid)
+    window = WorkingGrid.from_dict(record.grid).window(stored.record.window.offset)
     return Response(
-        write_nifti(decode_votes(blob), grid.affine, dtype="uint8"),
+        write_nifti(decode_votes(stored.blob), window.affine, dtype="uint8"),
         media_type=NIFTI_MEDIA_TYPE,
         headers={
             "Content-Disposition": f'attachment; filename="uncertainty-v{record.version}.nii.gz"',
