@@ -89,7 +89,7 @@ async function rebuildScene() {
   const s = state.session;
   let background = state.ct;
   if (!background && s) {
-    state.overlays.blank ??= await gridImage(s.grid, new Uint8Array(s.grid.shape.reduce((a, b) => a * b)), "blank", "gray", 1, 1);
+    state.overlays.blank ??= await gridImage(s.window, new Uint8Array(s.window.shape.reduce((a, b) => a * b)), "blank", "gray", 1, 1);
     background = state.overlays.blank;
   }
   // the volumes in drawing order, set at once: NiiVue recomposes every layer on each update
@@ -110,15 +110,17 @@ function applyWindows() {
   if (nv.volumes.length) nv.updateGLVolume();
 }
 
-// the annotation's voxels: the mask (filled or its outline), then the click and suggestion balls
+// the annotation's voxels on the current window: the mask (filled or its outline), then the click
+// and suggestion balls (their voxels are on the session lattice: the window starts at its offset)
 function annotation() {
-  const { grid, clicks } = state.session;
+  const { window, clicks } = state.session;
   const style = $("mask-style").value;
   const values = new Uint8Array(state.mask.length);
-  if (style !== "off") values.set(style === "outline" ? outline(state.mask, grid.shape) : state.mask);
-  const points = clicks.map((c) => ({ voxel: c.voxel, value: MARK[c.label] }));
-  if (state.suggestion) points.push({ voxel: state.suggestion.voxel, value: MARK.suggestion });
-  return paintBalls(values, grid.shape, points);
+  if (style !== "off") values.set(style === "outline" ? outline(state.mask, window.shape) : state.mask);
+  const local = (voxel) => voxel.map((v, axis) => v - window.offset[axis]);
+  const points = clicks.map((c) => ({ voxel: local(c.voxel), value: MARK[c.label] }));
+  if (state.suggestion) points.push({ voxel: local(state.suggestion.voxel), value: MARK.suggestion });
+  return paintBalls(values, window.shape, points);
 }
 
 // one NiiVue update for the annotation (and the disagreement, when shown): each update
@@ -126,7 +128,7 @@ function annotation() {
 async function showOverlays(disagreement = null) {
   const { overlays } = state;
   let rebuild = !overlays.annotation;
-  if (rebuild) overlays.annotation = await gridImage(state.session.grid, annotation(), "annotation", "icr-annotation", 1, 4);
+  if (rebuild) overlays.annotation = await gridImage(state.session.window, annotation(), "annotation", "icr-annotation", 1, 4);
   else overlays.annotation.img.set(annotation());
   overlays.annotation.opacity = $("mask-style").value === "fill" ? 0.5 : 1;
   if (disagreement && overlays.uncertainty) overlays.uncertainty.img.set(disagreement.img);
@@ -155,6 +157,10 @@ async function toggleUncertainty() {
 // -- results of the API ---------------------------------------------------------------------
 async function applyResult(result) {
   const s = state.session;
+  if (s.window && String(s.window.offset) !== String(result.window.offset)) {
+    state.overlays = { annotation: null, uncertainty: null, blank: null }; // the window moved: new overlays
+  }
+  s.window = result.window;
   s.version = result.version;
   s.clicks = result.clicks;
   state.mask = await decodeMask(result.mask);
@@ -279,7 +285,7 @@ async function resume(id) {
   await run(async () => {
     const session = await api.session(id);
     const image = await niftiImage(await api.bytes(`/v1/sessions/${id}/mask?space=working`), "mask", "red", 1, 0, 1);
-    state.session = { id, grid: session.grid, version: session.version, clicks: session.clicks };
+    state.session = { id, grid: session.grid, window: session.window, version: session.version, clicks: session.clicks };
     state.overlays = { annotation: null, uncertainty: null, blank: null };
     state.mask = Uint8Array.from(image.img);
     const files = await cachedImages(id).catch(() => null);
@@ -287,7 +293,7 @@ async function resume(id) {
       state.ct = await NVImage.loadFromFile({ file: files.ct, name: files.ct.name, colormap: "gray" });
       state.pet = await NVImage.loadFromFile({ file: files.pet, name: files.pet.name, colormap: "hot", opacity: 0.5 });
     }
-    showSession((voxelCount(state.mask) * session.grid.spacing_mm ** 3) / 1000);
+    showSession((voxelCount(state.mask) * session.window.spacing_mm ** 3) / 1000);
     await showOverlays($("show-uncertainty").checked ? await loadDisagreement() : null);
   });
 }

@@ -1,0 +1,177 @@
+"""Whole-scan sessions over HTTP: clicks anywhere in the CT move the working window, the session keeps
+every window, the border rule extends a mask cut by its window, and the original-space mask covers them all.
+
+The networks are real MONAI UNets whose weights make a known output (every weight zero, the last
+bias +-8: a sigmoid of about 1 or 0 everywhere), so each window's content is known exactly; the CT is
+on a 1 mm grid aligned with the session lattice, so the original-space mask is the lattice's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.engine.checkpoints import write_checkpoint
+from service.engine.loading import load_engine
+from service.engine.networks import INITIAL_CHANNELS, REFINEMENT_CHANNELS, Architecture, build_unet
+from service.imaging.nifti import write_nifti
+from service.settings import Settings
+from tests.api.test_sessions_http import decode_mask, nifti
+
+ARCHITECTURE = Architecture(channels=(4, 8, 16), strides=(1, 2), num_res_units=1)
+WINDOW = 32
+CT_SHAPE = (32, 32, 160)  # x, y one window wide; z five windows long (1 mm voxels)
+CT_AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
+FIRST_CENTRE = (15.5, 15.5, 79.5)  # the first window: CT voxels (0..31, 0..31, 64..95)
+
+
+def _constant(channels: int, logit: float) -> torch.nn.Module:
+    unet = build_unet(channels, ARCHITECTURE)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.zero_()
+        list(unet.parameters())[-1].fill_(logit)
+    return unet
+
+
+def _weights(directory: Path, initial: float, refinement: float) -> Path:
+    stages = {
+        "initial": [_constant(INITIAL_CHANNELS, initial) for _ in range(5)],
+        "refinement": [_constant(REFINEMENT_CHANNELS, refinement) for _ in range(5)],
+    }
+    write_checkpoint(directory, stages, architecture=ARCHITECTURE, grid_shape=(WINDOW,) * 3, spacing_mm=1.0,
+                     description="constant test weights")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def scan_files() -> dict[str, tuple[str, bytes]]:
+    rng = np.random.default_rng(3)
+    ct = rng.normal(40, 20, CT_SHAPE).astype(np.int16)
+    pet = rng.gamma(2.0, 0.5, CT_SHAPE).astype(np.float32)
+    return {"ct": ("ct.nii.gz", write_nifti(ct, CT_AFFINE)), "pet": ("pt.nii.gz", write_nifti(pet, CT_AFFINE))}
+
+
+@pytest.fixture(scope="module")
+def all_tumour(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both stages say foreground everywhere."""
+    return _weights(tmp_path_factory.mktemp("all-tumour"), 8.0, 8.0)
+
+
+@pytest.fixture(scope="module")
+def tumour_then_background(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The initial stage says foreground everywhere, the refinement background everywhere."""
+    return _weights(tmp_path_factory.mktemp("tumour-then-background"), 8.0, -8.0)
+
+
+def _client(weights: Path, border_passes: int) -> Iterator[TestClient]:
+    settings = Settings(weights=weights, device="cpu", autocast="off", border_passes=border_passes,
+                        max_upload_mb=16, max_image_mb=64)
+    with TestClient(create_app(settings, load_engine(settings))) as client:
+        yield client
+
+
+@pytest.fixture
+def tumour_client(all_tumour: Path) -> Iterator[TestClient]:
+    yield from _client(all_tumour, border_passes=1)
+
+
+@pytest.fixture
+def moving_client(tumour_then_background: Path) -> Iterator[TestClient]:
+    yield from _client(tumour_then_background, border_passes=0)
+
+
+def _create(client: TestClient, files: dict[str, tuple[str, bytes]]) -> dict:
+    created = client.post("/v1/sessions", files=files, data={"centre": ",".join(str(v) for v in FIRST_CENTRE)})
+    assert created.status_code == 201, created.text
+    return created.json()
+
+
+def _original(client: TestClient, session_id: str) -> np.ndarray:
+    return nifti(client.get(f"/v1/sessions/{session_id}/mask", params={"space": "original"})).get_fdata() > 0
+
+
+def test_a_mask_reaching_its_window_border_gets_the_window_extended(
+    tumour_client: TestClient, scan_files: dict[str, tuple[str, bytes]]
+) -> None:
+    body = _create(tumour_client, scan_files)
+    assert body["extent"]["low"] == [0, 0, -64] and body["extent"]["high"] == [31, 31, 95]
+    # a full mask reaches both z faces (the CT goes on there, not in x and y): one window more, half a window down,
+    # under the first, which stays the one the answer shows
+    assert body["window"] == {**body["grid"], "offset": [0, 0, 0], "windows": 2}
+    original = _original(tumour_client, body["id"])
+    expected = np.zeros(CT_SHAPE, dtype=bool)
+    expected[:, :, 48:96] = True
+    assert np.array_equal(original, expected)
+    assert body["summary"]["voxels"] == int(expected.sum())
+    assert body["summary"]["bbox_min"] == [0, 0, -16] and body["summary"]["bbox_max"] == [31, 31, 31]
+
+
+def test_a_click_anywhere_in_the_ct_moves_the_window_and_the_session_keeps_both(
+    moving_client: TestClient, scan_files: dict[str, tuple[str, bytes]]
+) -> None:
+    body = _create(moving_client, scan_files)
+    sid = body["id"]
+    assert body["window"]["windows"] == 1 and decode_mask(body["mask"]).all()
+    # a foreground click 60 mm below the first window, where no window has been: answered, and honoured
+    far = {"label": "foreground", "world_mm": [10.0, 20.0, 5.0]}
+    moved = moving_client.post(f"/v1/sessions/{sid}/clicks", json={"clicks": [far]})
+    assert moved.status_code == 200, moved.text
+    result = moved.json()
+    window = result["window"]
+    assert window["offset"] == [0, 0, -64] and window["windows"] == 2  # z 0..31 mm, inside the CT
+    assert window["origin_mm"] == [0.0, 0.0, 0.0]
+    assert result["clicks"][0]["voxel"] == [10, 20, -59]
+    mask = decode_mask(result["mask"])
+    assert mask[10, 20, 5]  # the click's voxel, in the window's own indices
+    original = _original(moving_client, sid)
+    assert original[10, 20, 5]
+    # the refinement said background everywhere in the new window but for the guarantee's ball;
+    # the first window (z 64..95) keeps its mask
+    assert original[:, :, 64:96].all()
+    assert int(original[:, :, :32].sum()) == int(mask.sum()) == _ball_voxels(3.0)  # the guarantee's 3 mm ball
+    assert not original[:, :, 32:64].any()
+    assert result["summary"]["voxels"] == int(original.sum())
+    # a probability and a working-space mask on the current window
+    working = nifti(moving_client.get(f"/v1/sessions/{sid}/mask"))
+    np.testing.assert_allclose(working.affine, np.asarray(window["affine"]))
+    assert np.array_equal(working.get_fdata() > 0, mask)
+    assert moving_client.get(f"/v1/sessions/{sid}").json()["window"] == window
+
+    # back in the first window: refined there (memory: its stored probability), the far click is kept
+    back = moving_client.post(f"/v1/sessions/{sid}/clicks",
+                              json={"clicks": [{"label": "background", "world_mm": [15.0, 15.0, 79.0]}]})
+    assert back.status_code == 200, back.text
+    assert back.json()["window"]["offset"] == [0, 0, 0] and back.json()["window"]["windows"] == 2
+    original = _original(moving_client, sid)
+    assert int(original.sum()) == int(original[:, :, :32].sum()) == _ball_voxels(3.0) and original[10, 20, 5]
+
+    # undo restores the two-window state of the first click exactly
+    undone = moving_client.post(f"/v1/sessions/{sid}/undo")
+    assert undone.status_code == 200 and undone.json()["window"] == window
+    assert np.array_equal(_original(moving_client, sid)[:, :, 64:96], np.ones((32, 32, 32), dtype=bool))
+
+
+def _ball_voxels(radius: float) -> int:
+    reach = int(radius)
+    offsets = np.mgrid[-reach : reach + 1, -reach : reach + 1, -reach : reach + 1]
+    return int(((offsets**2).sum(axis=0) <= radius**2).sum())
+
+
+def test_a_click_or_centre_outside_the_ct_is_refused_with_its_extent(
+    moving_client: TestClient, scan_files: dict[str, tuple[str, bytes]]
+) -> None:
+    body = _create(moving_client, scan_files)
+    outside = moving_client.post(f"/v1/sessions/{body['id']}/clicks",
+                                 json={"clicks": [{"label": "foreground", "world_mm": [10.0, 20.0, 170.0]}]})
+    assert outside.status_code == 422
+    assert "outside the CT, which spans x -0.5 to 31.5, y -0.5 to 31.5, z -0.5 to 159.5 mm" in outside.json()["detail"]
+    assert moving_client.get(f"/v1/sessions/{body['id']}").json()["version"] == 0
+    wrong_frame = moving_client.post("/v1/sessions", files=scan_files, data={"centre": "-15.5,-15.5,79.5"})
+    assert wrong_frame.status_code == 422 and "lies outside the CT" in wrong_frame.json()["detail"]
