@@ -10,11 +10,13 @@ The rules:
   it and then moved, axis by axis, to lie inside the CT's extent where the CT is
   longer than a window on that axis (so it holds as much scan as it can); where the CT
   is shorter, it is centred on the CT.
-- **Which window a click uses.** New clicks that lie inside the current window, at
-  least ``edge // KEEP_FRACTION`` voxels from every face that the CT continues beyond,
-  are refined there. Any other click moves the refinement to a window placed around
-  it; clicks of one request that do not fit one window are refined window by window,
-  in the order of their last click, and the last window becomes the current one.
+- **Which window a click uses.** A window *keeps* a click that lies inside it at least
+  ``edge // KEEP_FRACTION`` voxels from every face that the CT continues beyond. A new
+  click is refined in the current window when that keeps it, else in the most recent
+  other window of the session that keeps it (its memory is there already), else in a
+  new window placed around it. Clicks of one request that no one window keeps are
+  refined window by window, in the order of their last click; the last window becomes
+  the current one.
 - **Memory.** A window's memory is the session's probability composed over it; where
   no earlier window reached, the initial ensemble's output on the window is used (so a
   click that moves the window costs one initial and one refinement pass; a click in
@@ -72,8 +74,11 @@ def keeps(offset: Offset, shape: Sequence[int], voxel: Sequence[int], extent: Ex
     return True
 
 
-def plan(new_clicks: Sequence[Click], current: Offset, shape: Sequence[int], extent: Extent) -> list[Offset]:
-    """The windows, in order, that refine ``new_clicks`` (see the module doc); the last becomes current."""
+def plan(new_clicks: Sequence[Click], known: Sequence[Offset], shape: Sequence[int], extent: Extent) -> list[Offset]:
+    """The windows, in order, that refine ``new_clicks`` (see the module doc); the last becomes current.
+
+    ``known`` are the session's windows, the current one last: a click that one of them keeps
+    goes there (the current first, then the most recent), else to a new window around it."""
     groups: list[tuple[Offset, int]] = []  # (window, index of its last click)
     for index, click in enumerate(new_clicks):
         for n, (offset, _) in enumerate(groups):
@@ -81,8 +86,8 @@ def plan(new_clicks: Sequence[Click], current: Offset, shape: Sequence[int], ext
                 groups[n] = (offset, index)
                 break
         else:
-            here = current if keeps(current, shape, click.voxel, extent) else place(click.voxel, shape, extent)
-            groups.append((here, index))
+            here = next((w for w in reversed(known) if keeps(w, shape, click.voxel, extent)), None)
+            groups.append((here or place(click.voxel, shape, extent), index))
     return [offset for offset, _ in sorted(groups, key=lambda group: group[1])]
 
 

@@ -234,7 +234,7 @@ class Worker:
         else:
             base = self.store.get_version(job.session_id, job.base_version)
             base_windows, clicks = base.windows, base.clicks + job.new_clicks
-            targets = windows.plan(job.new_clicks, base.window.offset, lattice.shape, extent)
+            targets = windows.plan(job.new_clicks, [w.offset for w in base.windows], lattice.shape, extent)
             parent = job.base_version
         canvas = Canvas(base_windows, lattice.shape, lambda ref: self._stored_window(job.session_id, ref))
         run = _JobRun(job, version, lattice, extent, canvas, clicks, self.border_passes)

@@ -18,16 +18,24 @@ def _click(label: str, voxel: tuple[int, int, int]) -> Click:
 
 
 def test_a_click_well_inside_the_current_window_stays_there() -> None:
-    assert windows.plan([_click("foreground", (16, 16, 16))], (0, 0, 0), SHAPE, EXTENT) == [(0, 0, 0)]
+    assert windows.plan([_click("foreground", (16, 16, 16))], [(0, 0, 0)], SHAPE, EXTENT) == [(0, 0, 0)]
     # near the x faces, where the CT ends with the window: still kept
-    assert windows.plan([_click("foreground", (0, 31, 16))], (0, 0, 0), SHAPE, EXTENT) == [(0, 0, 0)]
+    assert windows.plan([_click("foreground", (0, 31, 16))], [(0, 0, 0)], SHAPE, EXTENT) == [(0, 0, 0)]
 
 
 def test_a_click_near_a_face_the_ct_continues_beyond_moves_the_window_around_it() -> None:
     # 2 voxels from the window's high z face, and the CT goes on: the window is centred on the click in z
-    assert windows.plan([_click("foreground", (16, 16, 29))], (0, 0, 0), SHAPE, EXTENT) == [(0, 0, 14)]
+    assert windows.plan([_click("foreground", (16, 16, 29))], [(0, 0, 0)], SHAPE, EXTENT) == [(0, 0, 14)]
     # far outside the current window
-    assert windows.plan([_click("background", (10, 20, 80))], (0, 0, 0), SHAPE, EXTENT) == [(0, 0, 64)]
+    assert windows.plan([_click("background", (10, 20, 80))], [(0, 0, 0)], SHAPE, EXTENT) == [(0, 0, 64)]
+
+
+def test_a_click_outside_the_current_window_goes_to_an_earlier_window_that_keeps_it() -> None:
+    known = [(0, 0, 0), (0, 0, 64), (0, 0, -40)]  # the current one last
+    assert windows.plan([_click("foreground", (16, 16, 15))], known, SHAPE, EXTENT) == [(0, 0, 0)]
+    assert windows.plan([_click("foreground", (16, 16, 80))], known, SHAPE, EXTENT) == [(0, 0, 64)]
+    # kept by none: a new window around it
+    assert windows.plan([_click("foreground", (16, 16, 40))], known, SHAPE, EXTENT) == [(0, 0, 25)]
 
 
 def test_windows_stay_inside_the_ct_where_it_is_longer_than_a_window() -> None:
@@ -41,7 +49,7 @@ def test_windows_stay_inside_the_ct_where_it_is_longer_than_a_window() -> None:
 
 def test_clicks_of_one_request_that_do_not_fit_one_window_get_one_each_in_order_of_their_last_click() -> None:
     clicks = [_click("foreground", (16, 16, 80)), _click("background", (16, 16, 10)), _click("foreground", (16, 16, 82))]
-    assert windows.plan(clicks, (0, 0, 0), SHAPE, EXTENT) == [(0, 0, 0), (0, 0, 64)]
+    assert windows.plan(clicks, [(0, 0, 0)], SHAPE, EXTENT) == [(0, 0, 0), (0, 0, 64)]
 
 
 def test_the_border_rule_shifts_half_a_window_towards_the_face_the_mask_reaches() -> None:
