@@ -63,6 +63,12 @@ PHASE_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS_S,
 )
 JOBS = Counter("icr_jobs_total", "Engine jobs finished by this worker, by kind and outcome.", ("kind", "outcome"))
+ENGINE_PASSES = Counter(
+    "icr_engine_passes_total",
+    "Ensemble passes run by this worker, by job kind and stage (initial, refinement): a click in the current "
+    "window runs one refinement pass; one that moves the window into new territory, or the border rule, adds more.",
+    ("kind", "stage"),
+)
 JOBS_RECLAIMED = Counter(
     "icr_jobs_reclaimed_total", "Jobs this worker took over from a worker that stopped refreshing its claim."
 )

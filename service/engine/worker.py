@@ -273,6 +273,7 @@ class Worker:
         first = None
         if run.job.kind == "initial" or not covered.all():
             first = self.engine.initial_pass(images)
+            metrics.ENGINE_PASSES.labels(run.job.kind, "initial").inc()
             memory = np.where(covered, memory, first.probability)
         if first is not None and run.job.kind == "initial":
             result_pass = first
@@ -280,6 +281,7 @@ class Worker:
             shown = windows.inside(clicks, grid.shape)
             new = sum(1 for c in windows.local_clicks(run.job.new_clicks, offset) if c in shown)
             result_pass = self.engine.refine_pass(images, memory, shown, new_clicks=new)
+            metrics.ENGINE_PASSES.labels(run.job.kind, "refinement").inc()
         probability, votes = result_pass.probability, result_pass.votes
         if self.honour_clicks:
             radius = honour_radius_voxels(run.lattice.spacing_mm)

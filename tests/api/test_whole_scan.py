@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 
 from service.api.app import create_app
 from service.engine.checkpoints import write_checkpoint
@@ -121,8 +122,10 @@ def test_a_click_anywhere_in_the_ct_moves_the_window_and_the_session_keeps_both(
     assert body["window"]["windows"] == 1 and decode_mask(body["mask"]).all()
     # a foreground click 60 mm below the first window, where no window has been: answered, and honoured
     far = {"label": "foreground", "world_mm": [10.0, 20.0, 5.0]}
+    passes = _passes()
     moved = moving_client.post(f"/v1/sessions/{sid}/clicks", json={"clicks": [far]})
     assert moved.status_code == 200, moved.text
+    assert tuple(_passes() - passes) == (1, 1)  # the initial ensemble for the new window's memory, then the refinement
     result = moved.json()
     window = result["window"]
     assert window["offset"] == [0, 0, -64] and window["windows"] == 2  # z 0..31 mm, inside the CT
@@ -145,9 +148,11 @@ def test_a_click_anywhere_in_the_ct_moves_the_window_and_the_session_keeps_both(
     assert moving_client.get(f"/v1/sessions/{sid}").json()["window"] == window
 
     # back in the first window: refined there (memory: its stored probability), the far click is kept
+    passes = _passes()
     back = moving_client.post(f"/v1/sessions/{sid}/clicks",
                               json={"clicks": [{"label": "background", "world_mm": [15.0, 15.0, 79.0]}]})
     assert back.status_code == 200, back.text
+    assert tuple(_passes() - passes) == (0, 1)  # a window the session holds: one refinement pass
     assert back.json()["window"]["offset"] == [0, 0, 0] and back.json()["window"]["windows"] == 2
     original = _original(moving_client, sid)
     assert int(original.sum()) == int(original[:, :, :32].sum()) == _ball_voxels(3.0) and original[10, 20, 5]
@@ -156,6 +161,12 @@ def test_a_click_anywhere_in_the_ct_moves_the_window_and_the_session_keeps_both(
     undone = moving_client.post(f"/v1/sessions/{sid}/undo")
     assert undone.status_code == 200 and undone.json()["window"] == window
     assert np.array_equal(_original(moving_client, sid)[:, :, 64:96], np.ones((32, 32, 32), dtype=bool))
+
+
+def _passes() -> np.ndarray:
+    """(initial, refinement) passes the engine ran for clicks so far, from its Prometheus counter."""
+    return np.array([REGISTRY.get_sample_value("icr_engine_passes_total", {"kind": "refine", "stage": stage}) or 0.0
+                     for stage in ("initial", "refinement")])
 
 
 def _ball_voxels(radius: float) -> int:
