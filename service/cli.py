@@ -42,6 +42,8 @@ LAZY_COMMANDS: dict[str, LazyCommand] = {
                            "import MONAI/PyTorch member checkpoints, check an ensemble, export a MONAI Bundle"),
     "localise-eval": LazyCommand("service.science.localisation_eval",
                                  "hit rate of finding the tumour with no centre given (and its 0-click Dice)"),
+    "whole-scan-eval": LazyCommand("service.science.whole_scan_eval",
+                                   "whole-scan sessions over HTTP: found vs centred window, clicks anywhere in the scan"),
     "evaluate-suggestions": LazyCommand("service.science.suggestion_eval",
                                         "a user who accepts the suggested click against the error-based simulator"),
     "loadtest": LazyCommand("service.bench.loadtest",
