@@ -1,4 +1,4 @@
-"""Shared fixtures: a real redis-server for the run, and small checkpoints."""
+"""Shared fixtures: a real redis-server for the run, small checkpoints, images and phantom cases."""
 
 from __future__ import annotations
 
@@ -12,6 +12,22 @@ import pytest
 
 from service.bench.processes import start_redis
 from service.bench.stats import BenchError
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one CPU thread for the whole run.
+
+    The tests' networks are tiny: two threads barely beat one on idle cores and run several
+    times slower when another job holds a core. Tests that load an engine set one thread anyway;
+    here every test sees the same setting, whatever ran before it.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +102,16 @@ def ct_pet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["ct"].write_bytes(write_nifti(ct, ct_affine))
     paths["pet"].write_bytes(write_nifti(pet.astype(np.float32), pet_affine))
     return paths
+
+
+@pytest.fixture(scope="session")
+def phantom_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two classic phantom cases (seed 11) in the HECKTOR layout, written once for every test that reads them.
+
+    Shared: a test reads these files and writes its own outputs (caches, runs, reports) elsewhere.
+    """
+    from service.science.phantoms import write_cases
+
+    directory = tmp_path_factory.mktemp("phantoms")
+    write_cases(directory, 2, seed=11)
+    return directory

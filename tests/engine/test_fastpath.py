@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,6 @@ from service.engine.networks import (
 )
 from service.science.dataset import find_cases, prepare_case
 from service.science.metrics import dice
-from service.science.phantoms import write_cases
 from service.settings import DEMO_WEIGHTS, Settings
 from service.store.contract import Click
 
@@ -231,15 +229,14 @@ def test_cpu_bfloat16_rewrite_computes_the_same_function() -> None:
         np.testing.assert_allclose(norm(y), affine(y), atol=1e-5)
 
 
-def test_bfloat16_on_cpu_stays_within_its_stated_error() -> None:
+@pytest.mark.slow  # the shipped demo networks at their full 64^3 grid, three float32 passes
+def test_bfloat16_on_cpu_stays_within_its_stated_error(phantom_data: Path) -> None:
     """One trained demo member per stage on a phantom: bfloat16 (channels-last) against float32.
 
     Stated tolerance (docs/performance.md): probabilities within 0.02, masks Dice >= 0.99.
     """
     checkpoint = load_checkpoint(DEMO_WEIGHTS)
-    with tempfile.TemporaryDirectory() as scratch:
-        write_cases(Path(scratch), 1, seed=11)
-        case = prepare_case(find_cases(Path(scratch))[0], checkpoint.grid_shape, checkpoint.spacing_mm)
+    case = prepare_case(find_cases(phantom_data)[0], checkpoint.grid_shape, checkpoint.spacing_mm)
     truth = np.argwhere(case.truth)
     click = Click("foreground", tuple(int(v) for v in truth[len(truth) // 2]))  # type: ignore[arg-type]
     guidance = click_maps([click], case.truth.shape, checkpoint.click_sigma_voxels)
@@ -249,7 +246,9 @@ def test_bfloat16_on_cpu_stays_within_its_stated_error() -> None:
         exact = Ensemble(checkpoint.stages[stage][:1], CPU)
         fast = Ensemble(checkpoint.stages[stage][:1], CPU, torch.bfloat16)
         assert fast.memory_format is torch.channels_last_3d and exact.memory_format is torch.contiguous_format
-        reference, lowered = exact.probability(stage_inputs), fast.probability(stage_inputs)
+        # the initial stage's exact answer is the refinement's memory, computed above
+        reference = previous if stage == "initial" else exact.probability(stage_inputs)
+        lowered = fast.probability(stage_inputs)
         assert lowered.dtype == np.float32
         assert 0 < np.abs(lowered - reference).max() <= 0.02  # it does compute in bfloat16, and stays close
         assert dice(lowered > 0.5, reference > 0.5) >= 0.99

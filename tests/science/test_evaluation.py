@@ -5,23 +5,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
-from service.engine.checkpoints import write_checkpoint
 from service.engine.guarantee import honour_clicks, honour_radius_voxels
-from service.engine.networks import (
-    INITIAL_CHANNELS,
-    INTERACTIVE_CHANNELS,
-    REFINEMENT_CHANNELS,
-    Architecture,
-    build_unet,
-)
 from service.imaging.grid import WorkingGrid
 from service.science.dataset import PreparedCase
 from service.science.evaluation import (
@@ -35,7 +26,6 @@ from service.science.evaluation import (
     worst_hd95_mm,
 )
 from service.science.methods import Guaranteed
-from service.science.phantoms import write_cases
 from service.science.report import (
     changed_voxel_summary,
     choose_reference,
@@ -329,38 +319,6 @@ def test_reference_choice() -> None:
 # ----------------------------------------------------------------- icr evaluate
 
 
-TINY = Architecture(channels=(4, 8, 16), strides=(1, 2), num_res_units=1)
-METHOD_STAGE_CHANNELS = {
-    "2s-icr": {"initial": INITIAL_CHANNELS, "refinement": REFINEMENT_CHANNELS},
-    "unet": {"initial": INITIAL_CHANNELS},
-    "deepgrow": {"interactive": INTERACTIVE_CHANNELS},
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny networks run far faster on one thread than on cores shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def evaluation_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two phantom cases and tiny random checkpoints for three methods."""
-    root = tmp_path_factory.mktemp("evaluation")
-    write_cases(root / "data", 2, seed=11)
-    torch.manual_seed(0)
-    paths = {"data": root / "data"}
-    for method, stages in METHOD_STAGE_CHANNELS.items():
-        nets = {stage: [build_unet(channels, TINY) for _ in range(2)] for stage, channels in stages.items()}
-        paths[method] = root / f"weights-{method}"
-        write_checkpoint(paths[method], nets, method=method, architecture=TINY, grid_shape=(24, 24, 24),
-                         spacing_mm=4.0, description=f"random {method} | test weights")
-    return paths
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icr")
     register(parser.add_subparsers(dest="command", required=True))
@@ -387,6 +345,7 @@ def report_dir(evaluation_inputs: dict[str, Path], tmp_path_factory: pytest.Temp
     return out
 
 
+@pytest.mark.slow  # the whole `icr evaluate`: three checkpoints, each alone and guaranteed, and the baseline
 def test_report_json_is_complete_and_consistent(report_dir: Path, evaluation_inputs: dict[str, Path]) -> None:
     report = json.loads((report_dir / "report.json").read_text())
     config = report["config"]
@@ -434,6 +393,7 @@ def test_report_json_is_complete_and_consistent(report_dir: Path, evaluation_inp
     assert len(report["significance"]["curves"]["hd95"]["deepgrow"]) == 4
 
 
+@pytest.mark.slow  # the whole `icr evaluate`, as above
 def test_report_markdown_and_plot(report_dir: Path) -> None:
     markdown = (report_dir / "report.md").read_text()
     for heading in ("Table 1", "Table 2", "Table 3", "Changed voxels per interaction", "Significance"):
@@ -467,8 +427,10 @@ def test_cli_rejects_unusable_input(evaluation_inputs: dict[str, Path], tmp_path
 
 
 def test_a_rerun_reuses_matching_method_results_and_recomputes_the_rest(
-    evaluation_inputs: dict[str, Path], tmp_path: Path
+    evaluation_inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    for plot in ("plot_curves", "plot_interaction"):  # drawn by report_dir's run; here only the results count
+        monkeypatch.setattr(f"service.science.report.{plot}", lambda *args: None)
     arguments: dict[str, Any] = {"max_clicks": 2, "repetitions": 1, "seed": 3, "device": "cpu", "guarantee": "off",
                                  "baselines": ()}
     methods = {"deepgrow": evaluation_inputs["deepgrow"]}

@@ -18,7 +18,6 @@ from service.science.pet_threshold import (
     PetThreshold,
     with_suv,
 )
-from service.science.phantoms import write_cases
 from service.store.contract import Click
 
 SHAPE = (40, 40, 40)
@@ -82,10 +81,8 @@ def test_every_click_keeps_its_label_even_when_a_later_region_covers_it(images: 
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> PreparedCase:
-    root: Path = tmp_path_factory.mktemp("pet-threshold")
-    write_cases(root, 1, seed=11)
-    (case,) = find_cases(root)
+def phantom(phantom_data: Path) -> PreparedCase:
+    case = find_cases(phantom_data)[0]
     return with_suv(case, load_prepared(case, (48, 48, 48), 2.0))
 
 

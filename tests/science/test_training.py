@@ -14,7 +14,6 @@ from service.engine.checkpoints import STAGE_CHANNELS, load_checkpoint
 from service.engine.loading import load_engine
 from service.engine.networks import INITIAL_CHANNELS, build_unet
 from service.science.dataset import find_cases, load_prepared
-from service.science.phantoms import write_cases
 from service.science.training import train
 from service.science.training_config import CONFIGS
 from service.science.training_loop import Member, fit
@@ -24,17 +23,22 @@ from service.settings import Settings
 CPU = torch.device("cpu")
 
 
+TWO_STAGE = replace(CONFIGS["tiny"], member_steps=2, val_every=2)
+
+
 @pytest.fixture(scope="module")
-def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("phantoms")
-    write_cases(directory, 2, seed=11)
-    return directory
+def two_stage_run(phantom_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(run folder, checkpoint) of one tiny 2S-ICR run (seed 5): tests that need a trained checkpoint share it."""
+    run = tmp_path_factory.mktemp("two-stage") / "run"
+    weights = train("2s-icr", phantom_data, run, TWO_STAGE, device=CPU, seed=5)
+    assert weights is not None
+    return run, weights
 
 
 @pytest.mark.parametrize("autocast", ["off", "bfloat16"])
-def test_fitting_lowers_the_loss(autocast: str, phantom_dir: Path, tmp_path: Path) -> None:
+def test_fitting_lowers_the_loss(autocast: str, phantom_data: Path, tmp_path: Path) -> None:
     config = replace(CONFIGS["tiny"], lr=3e-3, val_every=5, autocast=autocast)
-    case = load_prepared(find_cases(phantom_dir)[0], config.grid_shape, config.spacing_mm)
+    case = load_prepared(find_cases(phantom_data)[0], config.grid_shape, config.spacing_mm)
     torch.manual_seed(0)
     net = build_unet(INITIAL_CHANNELS, config.architecture)
     trainer = StageTrainer("unet", "initial", config, CPU, seed=0)
@@ -49,15 +53,15 @@ def test_fitting_lowers_the_loss(autocast: str, phantom_dir: Path, tmp_path: Pat
         return value
 
     before = loss()
-    fit(trainer, Member(net), 0, [case], [case], 30, tmp_path / "state.pt", "test")
+    fit(trainer, Member(net), 0, [case], [case], 15, tmp_path / "state.pt", "test")
     assert loss() < before - 0.05
 
 
 @pytest.mark.parametrize("budget", ["steps", "samples"])
-def test_the_budget_counts_optimizer_steps_or_whole_samples(budget: str, phantom_dir: Path, tmp_path: Path) -> None:
+def test_the_budget_counts_optimizer_steps_or_whole_samples(budget: str, phantom_data: Path, tmp_path: Path) -> None:
     # 2S-ICR's refinement makes one optimizer step per interaction (1-3 per sample here)
     config = replace(CONFIGS["tiny"], budget=budget, max_train_clicks=3, val_every=3)
-    case = load_prepared(find_cases(phantom_dir)[0], config.grid_shape, config.spacing_mm)
+    case = load_prepared(find_cases(phantom_data)[0], config.grid_shape, config.spacing_mm)
     torch.manual_seed(0)
     trainer = StageTrainer("2s-icr", "refinement", config, CPU, seed=0)
     trainer.use_initial([build_unet(INITIAL_CHANNELS, config.architecture)], [{"train": [case.id], "val": []}])
@@ -83,9 +87,9 @@ def test_the_budget_counts_optimizer_steps_or_whole_samples(budget: str, phantom
 
 
 @pytest.mark.parametrize(("method", "stage"), [("2s-icr", "refinement"), ("deepgrow", "interactive")])
-def test_mixed_precision_trains_the_click_taking_stages(method: str, stage: str, phantom_dir: Path, tmp_path: Path) -> None:
+def test_mixed_precision_trains_the_click_taking_stages(method: str, stage: str, phantom_data: Path, tmp_path: Path) -> None:
     config = replace(CONFIGS["tiny"], autocast="bfloat16", max_train_clicks=3, val_every=2)
-    case = load_prepared(find_cases(phantom_dir)[0], config.grid_shape, config.spacing_mm)
+    case = load_prepared(find_cases(phantom_data)[0], config.grid_shape, config.spacing_mm)
     torch.manual_seed(0)
     trainer = StageTrainer(method, stage, config, CPU, seed=0)
     trainer.use_initial([build_unet(INITIAL_CHANNELS, config.architecture)], [{"train": [case.id], "val": []}])
@@ -110,28 +114,26 @@ def test_refinement_memory_comes_from_the_fold_member_or_the_one_that_never_saw_
     assert [trainer.memory_net("a", 0), trainer.memory_net("b", 1)] == [members[i] for i in expected]
 
 
-def test_training_writes_a_checkpoint_the_service_loads(phantom_dir: Path, tmp_path: Path) -> None:
-    config = replace(CONFIGS["tiny"], member_steps=4, val_every=2)
-    weights = train("2s-icr", phantom_dir, tmp_path / "run", config, device=CPU, seed=5)
-    summary = json.loads((tmp_path / "run" / "training.json").read_text())
+def test_training_writes_a_checkpoint_the_service_loads(phantom_data: Path, two_stage_run: tuple[Path, Path]) -> None:
+    run, weights = two_stage_run
+    summary = json.loads((run / "training.json").read_text())
     assert summary["method"] == "2s-icr" and len(summary["folds"]) == 2
     assert set(summary["stages"]) == {"initial", "refinement"}
     assert all("val_dsc" in step for member in summary["stages"]["refinement"] for step in member["history"])
     checkpoint = load_checkpoint(weights)
     assert len(checkpoint.stages["initial"]) == len(checkpoint.stages["refinement"]) == 2
     engine = load_engine(Settings(weights=weights, device="cpu"))
-    case = load_prepared(find_cases(phantom_dir)[0], checkpoint.grid_shape, checkpoint.spacing_mm)
+    case = load_prepared(find_cases(phantom_data)[0], checkpoint.grid_shape, checkpoint.spacing_mm)
     probability = engine.initial_probability(case.images)
     assert probability.shape == checkpoint.grid_shape
     # a second run of the same command finds every member done: it trains nothing (no state
     # is rewritten, no validation added) and writes the same checkpoint
-    states = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in (tmp_path / "run" / "state").iterdir()}
+    states = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in (run / "state").iterdir()}
     assert len(states) == 2 * 2  # initial and refinement, one per fold (tiny has no shared warm start)
-    again = train("2s-icr", phantom_dir, tmp_path / "run", config, device=CPU, seed=5)
+    again = train("2s-icr", phantom_data, run, TWO_STAGE, device=CPU, seed=5)
     assert again == weights
-    assert {path.name: (path.stat().st_mtime_ns, path.read_bytes())
-            for path in (tmp_path / "run" / "state").iterdir()} == states
-    assert json.loads((tmp_path / "run" / "training.json").read_text())["stages"] == summary["stages"]
+    assert {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in (run / "state").iterdir()} == states
+    assert json.loads((run / "training.json").read_text())["stages"] == summary["stages"]
     assert load_checkpoint(again).digest == checkpoint.digest
 
 
@@ -148,10 +150,10 @@ class StopsAtSecondValidation(StageTrainer):
 
 
 def test_an_interrupted_fit_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(
-    phantom_dir: Path, tmp_path: Path
+    phantom_data: Path, tmp_path: Path
 ) -> None:
     config = replace(CONFIGS["tiny"], val_every=2, patience=10)
-    case = load_prepared(find_cases(phantom_dir)[0], config.grid_shape, config.spacing_mm)
+    case = load_prepared(find_cases(phantom_data)[0], config.grid_shape, config.spacing_mm)
 
     def start() -> Member:
         torch.manual_seed(0)
@@ -173,27 +175,28 @@ def test_an_interrupted_fit_resumes_where_it_stopped_and_ends_as_an_uninterrupte
         torch.testing.assert_close(resumed.net.state_dict()[name], value)
 
 
-def test_baselines_train_their_single_interactive_stage(phantom_dir: Path, tmp_path: Path) -> None:
+def test_baselines_train_their_single_interactive_stage(phantom_data: Path, tmp_path: Path) -> None:
     config = replace(CONFIGS["tiny"], member_steps=2, val_every=2, folds=2)
-    checkpoint = load_checkpoint(train("deepedit-25", phantom_dir, tmp_path / "de", config, device=CPU), method=None)
+    checkpoint = load_checkpoint(train("deepedit-25", phantom_data, tmp_path / "de", config, device=CPU), method=None)
     assert checkpoint.method == "deepedit-25" and set(checkpoint.stages) == {"interactive"}
 
 
-def test_click_guided_nets_start_from_an_initial_net_and_ship_without_it(phantom_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.slow  # three whole training runs
+def test_click_guided_nets_start_from_an_initial_net_and_ship_without_it(phantom_data: Path, tmp_path: Path) -> None:
     # first layer wider than every input, so the initial and the widened nets have the same layers
     architecture = replace(CONFIGS["tiny"].architecture, channels=(6, 8, 16))
     config = replace(CONFIGS["tiny"], architecture=architecture, member_steps=2, val_every=2, folds=2,
                      interactive_from_initial=True)
-    checkpoint = load_checkpoint(train("deepgrow", phantom_dir, tmp_path / "dg", config, device=CPU), method=None)
+    checkpoint = load_checkpoint(train("deepgrow", phantom_data, tmp_path / "dg", config, device=CPU), method=None)
     assert set(checkpoint.stages) == {"interactive"}
     assert set(json.loads((tmp_path / "dg" / "training.json").read_text())["stages"]) == {"initial", "interactive"}
     # a trained initial ensemble can be reused instead of training one
-    unet = train("unet", phantom_dir, tmp_path / "unet", config, device=CPU)
-    train("deepedit-50", phantom_dir, tmp_path / "de", config, device=CPU, initial_from=unet)
+    unet = train("unet", phantom_data, tmp_path / "unet", config, device=CPU)
+    train("deepedit-50", phantom_data, tmp_path / "de", config, device=CPU, initial_from=unet)
     reused = json.loads((tmp_path / "de" / "training.json").read_text())["stages"]["initial"]
     assert reused[0]["reused_from"] == str(unet)
     with pytest.raises(ValueError, match="--initial-from"):
-        train("unet", phantom_dir, tmp_path / "again", config, device=CPU, initial_from=unet)
+        train("unet", phantom_data, tmp_path / "again", config, device=CPU, initial_from=unet)
 
 
 def test_refinement_warm_start_reproduces_the_initial_net() -> None:
@@ -258,9 +261,9 @@ def test_click_balls_cover_the_voxels_near_each_click() -> None:
     assert corner.sum() == 2 * 4  # each ball cut by the volume's faces
 
 
-def test_the_click_loss_adds_the_bce_at_the_click_balls(phantom_dir: Path) -> None:
+def test_the_click_loss_adds_the_bce_at_the_click_balls(phantom_data: Path) -> None:
     config = replace(CONFIGS["tiny"], max_train_clicks=3)
-    case = load_prepared(find_cases(phantom_dir)[0], config.grid_shape, config.spacing_mm)
+    case = load_prepared(find_cases(phantom_data)[0], config.grid_shape, config.spacing_mm)
     torch.manual_seed(0)
     initial = build_unet(INITIAL_CHANNELS, config.architecture)
     net = build_unet(STAGE_CHANNELS["refinement"], config.architecture)
@@ -274,15 +277,18 @@ def test_the_click_loss_adds_the_bce_at_the_click_balls(phantom_dir: Path) -> No
     assert losses[1.0] > losses[0.0] + 0.01  # an untrained net gets the clicked voxels wrong
 
 
-def test_members_can_be_trained_by_several_processes_into_the_same_checkpoint(phantom_dir: Path, tmp_path: Path) -> None:
-    config = replace(CONFIGS["tiny"], member_steps=2, val_every=2)
-    whole = load_checkpoint(train("2s-icr", phantom_dir, tmp_path / "one", config, device=CPU, seed=5))
+@pytest.mark.slow  # three more training runs, member by member
+def test_members_can_be_trained_by_several_processes_into_the_same_checkpoint(
+    phantom_data: Path, two_stage_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    config = TWO_STAGE
+    whole = load_checkpoint(two_stage_run[1])
     run = tmp_path / "split"
     # member 0 first: the initial stage waits for member 1, so nothing is written
-    assert train("2s-icr", phantom_dir, run, config, device=CPU, seed=5, only_members=[0]) is None
+    assert train("2s-icr", phantom_data, run, config, device=CPU, seed=5, only_members=[0]) is None
     # member 1: the initial stage is complete, refinement member 0 is still to train
-    assert train("2s-icr", phantom_dir, run, config, device=CPU, seed=5, only_members=[1]) is None
-    weights = train("2s-icr", phantom_dir, run, config, device=CPU, seed=5, only_members=[0])
+    assert train("2s-icr", phantom_data, run, config, device=CPU, seed=5, only_members=[1]) is None
+    weights = train("2s-icr", phantom_data, run, config, device=CPU, seed=5, only_members=[0])
     assert weights is not None
     split = load_checkpoint(weights)
     for stage in ("initial", "refinement"):
@@ -291,13 +297,15 @@ def test_members_can_be_trained_by_several_processes_into_the_same_checkpoint(ph
                 torch.testing.assert_close(other.state_dict()[name], value)
 
 
-def test_refinement_training_can_continue_from_a_checkpoint(phantom_dir: Path, tmp_path: Path) -> None:
-    config = replace(CONFIGS["tiny"], member_steps=2, val_every=2)
-    first = train("2s-icr", phantom_dir, tmp_path / "first", config, device=CPU, seed=5)
-    train("2s-icr", phantom_dir, tmp_path / "more", config, device=CPU, seed=5, initial_from=first,
+def test_refinement_training_can_continue_from_a_checkpoint(
+    phantom_data: Path, two_stage_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    config = TWO_STAGE
+    first = two_stage_run[1]
+    train("2s-icr", phantom_data, tmp_path / "more", config, device=CPU, seed=5, initial_from=first,
           refinement_from_checkpoint=first)
     reports = json.loads((tmp_path / "more" / "training.json").read_text())["stages"]
     assert reports["refinement"][0] == {"continued_from": str(first)}
     assert reports["initial"][0]["reused_from"] == str(first)
     with pytest.raises(ValueError, match="2s-icr"):
-        train("deepgrow", phantom_dir, tmp_path / "dg", config, device=CPU, refinement_from_checkpoint=first)
+        train("deepgrow", phantom_data, tmp_path / "dg", config, device=CPU, refinement_from_checkpoint=first)
