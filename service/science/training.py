@@ -188,7 +188,9 @@ def _run(args: argparse.Namespace) -> int:
                                    ("refinement_from_initial", None if args.refinement_from is None
                                     else args.refinement_from == "initial"),
                                    ("refinement_memory", args.memory_from),
-                                   ("click_loss_weight", args.click_loss))
+                                   ("click_loss_weight", args.click_loss),
+                                   ("keep_loss_weight", args.keep_loss),
+                                   ("no_op_click_chance", args.no_op_clicks))
                  if v is not None}
     config = replace(config, **overrides)
     device = resolve_device(args.device)
@@ -245,6 +247,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "that finds all members finished writes the checkpoint; a shared warm start must be done first)")
     parser.add_argument("--click-loss", type=float, help="2s-icr: weight of the BCE over the click balls added to "
                         "Dice + BCE (default 0: none)")
+    parser.add_argument("--keep-loss", type=float, help="2s-icr: weight of the BCE pulling the output towards the "
+                        "memory's mask farther than 20 mm from every click (default 0: none)")
+    parser.add_argument("--no-op-clicks", type=float, help="2s-icr: chance that a training click is a no-op click "
+                        "(background, far from mask and truth) instead of an error-correcting one (default 0)")
     parser.add_argument("--autocast", choices=AUTOCAST_CHOICES,
                         help="mixed-precision forward passes (default: the configuration's, off = float32 except "
                         "paper-cpu's auto; bfloat16 on CPUs with bfloat16 instructions is about 2.5x faster; "

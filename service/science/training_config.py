@@ -74,6 +74,16 @@ class TrainConfig:
     # that giving each click its label counts for more than its few voxels in the patch.
     click_loss_weight: float = 0.0
     click_loss_radius_voxels: float = 3.0
+    # 2S-ICR refinement, "what is right stays right": weight of a BCE term pulling the output
+    # towards the memory's mask over the voxels farther than ``keep_loss_radius_mm`` from
+    # every click so far (0: none); not where mask dropout hid the memory.
+    keep_loss_weight: float = 0.0
+    keep_loss_radius_mm: float = 20.0
+    # 2S-ICR refinement: the chance that an interaction's click is a no-op click
+    # (service.science.simulator.no_op_click: background, in the body, far from the memory's
+    # mask and the truth) instead of one correcting an error, so the net sees clicks that
+    # should change nothing.
+    no_op_click_chance: float = 0.0
 
 
 CONFIGS = {

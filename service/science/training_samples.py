@@ -24,7 +24,7 @@ from service.science.augment import augmented_sample, training_transforms
 from service.science.dataset import PreparedCase
 from service.science.evaluation import interaction_curve
 from service.science.methods import ClickGuided, NonInteractive, Segmenter
-from service.science.simulator import next_click
+from service.science.simulator import body_mask, next_click, no_op_click
 from service.science.training_config import CLICK_FREE_FRACTION, TrainConfig
 from service.store.contract import Click
 
@@ -49,7 +49,7 @@ def click_balls(clicks: Sequence[Click], shape: Sequence[int], radius_voxels: fl
 
 
 def _ball_bce(logits: torch.Tensor, target: torch.Tensor, balls: torch.Tensor) -> torch.Tensor:
-    """Mean BCE over the click balls' voxels (float32)."""
+    """Mean BCE over the voxels of ``balls`` (a 0/1 mask: the click balls, or the voxels far from them), float32."""
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
     return (bce * balls).sum() / balls.sum().clamp(min=1.0)
 
@@ -116,11 +116,12 @@ class StageTrainer:
         interactions = int(self.rng.integers(1, self.config.max_train_clicks + 1))
 
         def interaction() -> torch.Tensor:
-            click = next_click(state["previous"] > 0.5, truth, self.rng)
+            click = self._training_click(state["previous"] > 0.5, images, truth)
             if click is not None:
                 clicks.append(Click(click.label, click.voxel))
             memory = state["previous"]
-            if self.rng.random() < self.config.p_drop:  # mask dropout: no memory this time
+            dropped = self.rng.random() < self.config.p_drop
+            if dropped:  # mask dropout: no memory this time
                 memory = np.full_like(memory, 0.5)
             maps = click_maps(clicks, truth.shape, self.config.click_sigma_voxels)
             logits = net(_tensor(np.concatenate([images, memory[None], maps]), self.device))
@@ -129,9 +130,22 @@ class StageTrainer:
             if self.config.click_loss_weight > 0 and clicks:
                 balls = _tensor(click_balls(clicks, truth.shape, self.config.click_loss_radius_voxels)[None], self.device)
                 loss = loss + self.config.click_loss_weight * _ball_bce(logits, target, balls)
+            if self.config.keep_loss_weight > 0 and not dropped:
+                radius = self.config.keep_loss_radius_mm / self.config.spacing_mm
+                far = _tensor((~click_balls(clicks, truth.shape, radius))[None], self.device)
+                kept = _tensor((memory > 0.5)[None].astype(np.float32), self.device)
+                loss = loss + self.config.keep_loss_weight * _ball_bce(logits, kept, far)
             return loss
 
         return [interaction] * interactions
+
+    def _training_click(self, mask: np.ndarray, images: np.ndarray, truth: np.ndarray) -> Click | None:
+        """The simulated user's click on ``mask``; with ``no_op_click_chance``, a no-op click instead."""
+        if self.config.no_op_click_chance > 0 and self.rng.random() < self.config.no_op_click_chance:
+            click = no_op_click(mask, truth, body_mask(images[0]), self.config.spacing_mm)
+            if click is not None:
+                return click
+        return next_click(mask, truth, self.rng)
 
     def _click_guided_step(
         self, net: UNet, images: np.ndarray, truth: np.ndarray, target: torch.Tensor

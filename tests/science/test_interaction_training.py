@@ -1,0 +1,56 @@
+"""Training for interaction: the memory-keep term and no-op clicks of a 2S-ICR refinement sample."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.engine.checkpoints import STAGE_CHANNELS
+from service.engine.networks import INITIAL_CHANNELS, build_unet
+from service.science.dataset import find_cases, load_prepared
+from service.science.simulator import NO_OP_MIN_DISTANCE_MM
+from service.science.training_config import CONFIGS
+from service.science.training_samples import StageTrainer
+
+CPU = torch.device("cpu")
+
+
+def _first_losses(phantom_data: Path, name: str, values: tuple[float, ...]) -> dict[float, float]:
+    """The first interaction's loss of the same sample and click, per value of the setting ``name``."""
+    config = replace(CONFIGS["tiny"], max_train_clicks=3, p_drop=0.0)
+    case = load_prepared(find_cases(phantom_data)[0], config.grid_shape, config.spacing_mm)
+    torch.manual_seed(0)
+    initial = build_unet(INITIAL_CHANNELS, config.architecture)
+    net = build_unet(STAGE_CHANNELS["refinement"], config.architecture)
+    losses = {}
+    for value in values:
+        trainer = StageTrainer("2s-icr", "refinement", replace(config, **{name: value}), CPU, seed=3)
+        trainer.use_initial([initial], [{"train": [case.id], "val": []}])
+        closure = trainer.steps(net, 0, [case])[0]
+        with torch.no_grad():
+            losses[value] = float(closure())
+    return losses
+
+
+def test_the_keep_loss_adds_the_bce_to_the_memory_away_from_the_clicks(phantom_data: Path) -> None:
+    losses = _first_losses(phantom_data, "keep_loss_weight", (0.0, 1.0))
+    assert losses[1.0] > losses[0.0] + 0.01  # an untrained net does not reproduce its memory
+
+
+def test_a_no_op_training_click_is_background_far_from_mask_and_truth(phantom_data: Path) -> None:
+    config = replace(CONFIGS["tiny"], no_op_click_chance=1.0)
+    case = load_prepared(find_cases(phantom_data)[0], config.grid_shape, config.spacing_mm)
+    trainer = StageTrainer("2s-icr", "refinement", config, CPU, seed=0)
+    mask = np.zeros(case.truth.shape, dtype=bool)
+    click = trainer._training_click(mask, case.images, case.truth)
+    assert click is not None and click.label == "background"
+    where = np.argwhere(case.truth)
+    distance = np.sqrt((((where - np.asarray(click.voxel)) * config.spacing_mm) ** 2).sum(axis=1)).min()
+    assert distance >= NO_OP_MIN_DISTANCE_MM
+    # never: the simulated user corrects errors
+    ordinary = StageTrainer("2s-icr", "refinement", replace(config, no_op_click_chance=0.0), CPU, seed=0)
+    correcting = ordinary._training_click(mask, case.images, case.truth)
+    assert correcting is not None and correcting.label == "foreground" and case.truth[correcting.voxel]
