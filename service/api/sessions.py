@@ -43,6 +43,7 @@ from service.api.schemas import (
     UncertaintyOut,
     WindowOut,
 )
+from service.engine.guarantee import honour_clicked_voxels
 from service.imaging.frames import patient_to_world, world_to_patient
 from service.imaging.grid import (
     WorkingGrid,
@@ -138,7 +139,7 @@ class SessionView:
         return [
             ClickOut(label=c.label, voxel=c.voxel, world_mm=_vector3(world), patient_mm=_vector3(world_to_patient(world)))
             for c in self.version.clicks
-            for world in (self.grid.voxel_to_world(c.voxel),)
+            for world in (click_point(c, self.grid),)
         ]
 
     def source_out(self) -> SourceOut | None:
@@ -442,7 +443,8 @@ class Sessions:
                 f"lattice voxels {list(extent.low)} to {list(extent.high)}"
             )
         i, j, k = (int(v) for v in voxel)
-        return Click(label=click.label, voxel=(i, j, k))
+        point = None if click.voxel is not None else _vector3(world)
+        return Click(label=click.label, voxel=(i, j, k), world_mm=point)
 
     def _check_refinement_served(self) -> None:
         """Clicks need a refinement stage; workers that predate the ``stages`` key have one.
@@ -534,8 +536,15 @@ class Sessions:
             return view.mask().astype(np.uint8), view.window.affine
         affine = np.asarray(view.record.original_affine, dtype=np.float64)
         pieces = [(self.window_probability(view.record, ref), view.grid.window(ref.offset)) for ref in view.version.windows]
-        on_ct = to_volume_grid(pieces, view.record.original_shape, affine)
-        return (on_ct > 0.5).astype(np.uint8), affine
+        mask = to_volume_grid(pieces, view.record.original_shape, affine) > 0.5
+        if self.settings.honour_clicks:  # at the CT's own resolution, each clicked voxel has its click's label
+            honour_clicked_voxels(mask, [(c.label, click_point(c, view.grid)) for c in view.version.clicks], affine)
+        return mask.astype(np.uint8), affine
+
+
+def click_point(click: Click, lattice: WorkingGrid) -> np.ndarray:
+    """The world point (mm) of a click: where the user clicked, or its lattice voxel's centre."""
+    return np.asarray(click.world_mm) if click.world_mm is not None else lattice.voxel_to_world(click.voxel)
 
 
 def _index3(values: np.ndarray) -> tuple[int, int, int]:

@@ -11,6 +11,10 @@ the later one wins.
 The ball's radius is ``HONOUR_RADIUS_MM`` and never less than ``MIN_RADIUS_VOXELS``
 (sqrt(3) voxels and a little), so all eight working-grid voxels around the clicked
 point are set and the mask resampled onto the uploaded CT keeps the label there too.
+Where two clicks of opposite labels lie closer than a working-grid voxel, the CT's finer
+voxels between them cannot take both labels from the resampled probability; so the mask
+on the CT's grid also gives each clicked CT voxel (the one holding the clicked point) its
+click's label, a later click winning the same voxel (:func:`honour_clicked_voxels`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from service.store.contract import Click
 
@@ -49,3 +54,13 @@ def honour_clicks(probability: np.ndarray, clicks: Sequence[Click], radius_voxel
         nearest[box] = np.where(closer, distance, nearest[box])
         result[box] = np.where(closer, 1.0 if click.label == "foreground" else 0.0, result[box])
     return result
+
+
+def honour_clicked_voxels(mask: np.ndarray, points: Sequence[tuple[str, npt.ArrayLike]], affine: np.ndarray) -> None:
+    """Give each voxel of ``mask`` (on the image grid of ``affine``) that holds a clicked world point
+    (``(label, point_mm)``, in click order) the click's label, in place."""
+    to_index = np.linalg.inv(affine)
+    for label, point in points:
+        index = np.rint(to_index[:3, :3] @ np.asarray(point, dtype=np.float64) + to_index[:3, 3]).astype(int)
+        if np.all(index >= 0) and np.all(index < mask.shape):
+            mask[tuple(index)] = label == "foreground"

@@ -67,20 +67,27 @@ class NoLiveWorker(StoreError):
 
 @dataclass(frozen=True)
 class Click:
-    """One click: its label and its working-grid voxel. The one click type of the project."""
+    """One click: its label, its voxel (on the session lattice; a window's own indices inside the
+    engine) and, when the user gave a point, that point in world mm. The one click type of the project."""
 
     label: ClickLabel
     voxel: tuple[int, int, int]
+    world_mm: tuple[float, float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "voxel": list(self.voxel)}
+        data: dict[str, Any] = {"label": self.label, "voxel": list(self.voxel)}
+        if self.world_mm is not None:
+            data["world_mm"] = list(self.world_mm)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Click:
         i, j, k = (int(v) for v in data["voxel"])
         if data["label"] not in CLICK_LABELS:
             raise ValueError(f"unknown click label {data['label']!r}")
-        return cls(label=data["label"], voxel=(i, j, k))
+        world = data.get("world_mm")
+        x, y, z = (float(v) for v in world) if world is not None else (0.0, 0.0, 0.0)
+        return cls(label=data["label"], voxel=(i, j, k), world_mm=None if world is None else (x, y, z))
 
 
 @dataclass(frozen=True)
