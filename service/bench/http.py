@@ -22,15 +22,11 @@ from service.bench.processes import (
     start_redis,
     wait_ready,
 )
+from service.bench.simulated_user import SimulatedUser
 from service.bench.stats import BenchError, summary_ms
-from service.imaging.grid import WorkingGrid, resample
 from service.imaging.nifti import load_nifti_file
 from service.imaging.volume import Volume
 from service.science.dataset import Case, PreparedCase
-from service.science.simulator import next_click
-from service.store.codec import (
-    decode_mask,
-)
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +73,13 @@ def click_sessions(url: str, data: HttpCase, sessions: int, clicks: int, seed: i
             started = time.perf_counter()
             body = checked(client.post("/v1/sessions", files=files, data={"centre": centre}), 201)
             samples.create.append(time.perf_counter() - started)
-            grid = WorkingGrid(tuple(body["grid"]["shape"]), body["grid"]["spacing_mm"], tuple(body["grid"]["origin_mm"]))
-            truth = resample(data.gtvt, grid, order=1, fill=0.0) > 0.5
+            user = SimulatedUser(data.gtvt)
             rng = np.random.default_rng([seed, session])
             for _ in range(clicks):
-                simulated = next_click(decode_mask(body["mask"]), truth, rng)
+                simulated = user.next_click(body, rng)
                 if simulated is None:
                     break
-                request = {"clicks": [{"label": simulated.label, "voxel": list(simulated.voxel)}]}
+                request = {"clicks": [{"label": simulated[0], "voxel": list(simulated[1])}]}
                 started = time.perf_counter()
                 response = client.post(f"/v1/sessions/{body['id']}/clicks", json=request)
                 samples.click.append(time.perf_counter() - started)

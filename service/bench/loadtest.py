@@ -42,14 +42,12 @@ import numpy as np
 
 from service.argtypes import non_negative_int, positive_int
 from service.bench import scrape
+from service.bench.simulated_user import ClickKey, SimulatedUser
 from service.bench.stats import BenchError, summary_ms
-from service.imaging.grid import WorkingGrid, resample
 from service.imaging.nifti import write_nifti
 from service.imaging.volume import Volume
 from service.metrics import PHASES
 from service.science.phantoms import case_seed, make_case
-from service.science.simulator import next_click
-from service.store.codec import decode_mask
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +57,6 @@ MAX_RETRIES = 5
 MAX_RETRY_WAIT_S = 5.0
 RETRIED_STATUSES = frozenset({409, 503})  # 409 only for "request-in-flight": the key's first try still runs
 
-ClickKey = tuple[str, tuple[int, int, int]]
 
 
 @dataclass(frozen=True)
@@ -168,11 +165,11 @@ class LoadTest:
         run.create_s = time.perf_counter() - started
         body = created.json()
         sid = body["id"]
-        grid = WorkingGrid(tuple(body["grid"]["shape"]), body["grid"]["spacing_mm"], tuple(body["grid"]["origin_mm"]))
-        truth = resample(upload.truth, grid, order=1, fill=0.0) > 0.5
+        user = SimulatedUser(upload.truth)
         rng = np.random.default_rng([self.seed, index])
         for _ in range(self.clicks):
-            click = self._next_click(body, truth, rng)
+            click = user.next_click(body, rng, always=True)
+            assert click is not None
             headers = {"Idempotency-Key": uuid.uuid4().hex}
             payload = {"clicks": [{"label": click[0], "voxel": list(click[1])}]}
             started = time.perf_counter()
@@ -188,15 +185,6 @@ class LoadTest:
             run.final = [(c["label"], (c["voxel"][0], c["voxel"][1], c["voxel"][2])) for c in state.json()["clicks"]]
         self._send(run, "DELETE", f"/v1/sessions/{sid}")
         return run
-
-    @staticmethod
-    def _next_click(body: dict[str, Any], truth: np.ndarray, rng: np.random.Generator) -> ClickKey:
-        simulated = next_click(decode_mask(body["mask"]), truth, rng)
-        if simulated is not None:
-            i, j, k = (int(v) for v in simulated.voxel)
-            return simulated.label, (i, j, k)
-        i, j, k = (int(rng.integers(0, n)) for n in truth.shape)  # mask already right: any click will do
-        return ("foreground" if truth[i, j, k] else "background"), (i, j, k)
 
 
 def _loopback(url: str) -> bool:
