@@ -23,6 +23,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -59,7 +60,7 @@ from service.imaging.localise import localise_tumour
 from service.imaging.scan import Scan, encode_scan
 from service.imaging.volume import ImageError, Volume
 from service.settings import Settings
-from service.store.codec import decode_array, decode_mask
+from service.store.codec import decode_array, decode_mask, encode_array
 from service.store.contract import (
     BLOB_MASK,
     Binding,
@@ -216,6 +217,7 @@ class Sessions:
         self.settings = settings
         self._stages_read_at = -math.inf
         self._refinement_served = True
+        self._scan_writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="icr-scan")
 
     # -- reading ------------------------------------------------------------------
     def record(self, session_id: str, owner: str | None) -> SessionRecord:
@@ -298,18 +300,25 @@ class Sessions:
             raise errors.QuotaExceeded(
                 f"this key holds {limit} live sessions (ICR_MAX_SESSIONS_PER_KEY); delete one or let one expire"
             )
-        record = self.store.create_session(record, encode_scan(Scan(ct, pet)))
+        record = self.store.create_session(record, encode_array(images))
         job = Job(id=uuid.uuid4().hex, session_id=record.id, kind="initial", base_version=-1,
                   request_id=request_id or logs.request_id.get())
+        # the scan (for windows elsewhere) is compressed and stored while the initial pass runs
+        keeping = self._scan_writers.submit(self._keep_scan, record.id, Scan(ct, pet))
         try:
             outcome = self._run(job, None)
             if outcome.status is not OutcomeStatus.DONE or outcome.version is None:
                 raise self._outcome_error(outcome)
+            keeping.result()
         except BaseException:
+            keeping.cancel()
             self._forget(record.id)
             raise
         log.info("session %s created", record.id)
         return self.answer(self.store.get_session(record.id), outcome.version)
+
+    def _keep_scan(self, session_id: str, scan: Scan) -> None:
+        self.store.store_scan(session_id, encode_scan(scan))
 
     @staticmethod
     def _place(ct: Volume, pet: Volume, centre: np.ndarray | None, overlap: np.ndarray,

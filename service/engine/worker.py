@@ -208,13 +208,17 @@ class Worker:
             self._scans.popitem(last=False)
         return scan
 
-    def _window_images(self, session_id: str, window: WorkingGrid) -> np.ndarray:
+    def _window_images(self, session_id: str, window: WorkingGrid, offset: windows.Offset) -> np.ndarray:
+        """The network input of a window: the first one's as the API made it, the others from the scan."""
         key = (session_id, window.origin_mm)
         if key in self._images:
             self._images.move_to_end(key)
             return self._images[key]
-        scan = self._scan(session_id)
-        images = preprocess(scan.ct, scan.pet, window)
+        if offset == FIRST_WINDOW:
+            images = decode_array(self.store.load_images(session_id)).astype(np.float32)
+        else:
+            scan = self._scan(session_id)
+            images = preprocess(scan.ct, scan.pet, window)
         self._images[key] = images
         while len(self._images) > IMAGE_CACHE_WINDOWS:
             self._images.popitem(last=False)
@@ -267,7 +271,7 @@ class Worker:
         """One pass in the window at ``offset``: its memory composed from the session (the initial
         ensemble where no window reached yet), the clicks it holds, the guarantee; recorded in the canvas."""
         grid = run.lattice.window(offset)
-        images = self._window_images(run.job.session_id, grid)
+        images = self._window_images(run.job.session_id, grid, offset)
         memory, covered = run.canvas.compose(offset, grid.shape)
         clicks = windows.local_clicks(run.clicks, offset)
         first = None

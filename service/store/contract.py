@@ -7,7 +7,8 @@ the version it came from, the job that made it, its mask summary, its working wi
 and its blobs: the probability of each window it computed (the next pass's memory) and
 the packed mask of its current window, which the API answers with.
 
-A session covers its whole scan (the CT and PET as uploaded, stored once). The networks
+A session covers its whole scan (the CT and PET as uploaded, stored once, beside the
+first window's network input, which the initial pass uses without decoding the scan). The networks
 see working windows of the checkpoint's grid shape placed on the session's lattice (the
 voxels of the first window's grid, extended without end); a version lists the windows
 computed so far as :class:`WindowRef` s, each naming the version and blob that hold its
@@ -321,8 +322,9 @@ class SessionStore(abc.ABC):
     def ping(self) -> bool: ...
 
     @abc.abstractmethod
-    def create_session(self, record: SessionRecord, scan: bytes) -> SessionRecord:
-        """Store a new session (version -1) and its scan (:mod:`service.imaging.scan`); sets expiry."""
+    def create_session(self, record: SessionRecord, images: bytes) -> SessionRecord:
+        """Store a new session (version -1) and its first window's network input (the preprocessed
+        images, a codec array blob); sets expiry."""
 
     @abc.abstractmethod
     def get_session(self, session_id: str, *, touch: bool = True) -> SessionRecord:
@@ -333,7 +335,16 @@ class SessionStore(abc.ABC):
         """Remove all state; later reads raise SessionGone."""
 
     @abc.abstractmethod
-    def load_scan(self, session_id: str) -> bytes: ...
+    def load_images(self, session_id: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def store_scan(self, session_id: str, scan: bytes) -> None:
+        """Keep the session's scan (:mod:`service.imaging.scan`), from which the windows other than the
+        first are made; under the session's expiry. Raises SessionNotFound/SessionGone."""
+
+    @abc.abstractmethod
+    def load_scan(self, session_id: str) -> bytes:
+        """The scan :meth:`store_scan` kept; SessionNotFound when none was kept."""
 
     @abc.abstractmethod
     def get_version(self, session_id: str, version: int) -> VersionRecord: ...

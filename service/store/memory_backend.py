@@ -38,7 +38,8 @@ from service.store.contract import (
 @dataclass
 class _Session:
     record: SessionRecord
-    scan: bytes
+    images: bytes
+    scan: bytes | None = None
     versions: dict[int, VersionRecord] = field(default_factory=dict)
     blobs: dict[tuple[str, int], bytes] = field(default_factory=dict)
     jobs: dict[str, JobOutcome] = field(default_factory=dict)
@@ -85,12 +86,12 @@ class MemoryStore(SessionStore, JobQueue):
         for session_id in [s for s, until in self._tombstones.items() if until <= now]:
             del self._tombstones[session_id]
 
-    def create_session(self, record: SessionRecord, scan: bytes) -> SessionRecord:
+    def create_session(self, record: SessionRecord, images: bytes) -> SessionRecord:
         now = time.time()
         record = dataclasses.replace(record, version=-1, expires_at=now + self._ttl)
         with self._lock:
             self._sweep(now)
-            self._sessions[record.id] = _Session(record=record, scan=scan)
+            self._sessions[record.id] = _Session(record=record, images=images)
         return record
 
     def get_session(self, session_id: str, *, touch: bool = True) -> SessionRecord:
@@ -104,9 +105,20 @@ class MemoryStore(SessionStore, JobQueue):
             self._tombstones[session_id] = time.time() + self._tombstone_ttl
             self._changed.notify_all()
 
+    def load_images(self, session_id: str) -> bytes:
+        with self._lock:
+            return self._live(session_id, touch=False).images
+
+    def store_scan(self, session_id: str, scan: bytes) -> None:
+        with self._lock:
+            self._live(session_id, touch=False).scan = scan
+
     def load_scan(self, session_id: str) -> bytes:
         with self._lock:
-            return self._live(session_id, touch=False).scan
+            scan = self._live(session_id, touch=False).scan
+        if scan is None:
+            raise SessionNotFound(f"{session_id} has no scan")
+        return scan
 
     def _version(self, session: _Session, version: int) -> VersionRecord:
         if version not in session.versions:
@@ -276,6 +288,6 @@ class MemoryStore(SessionStore, JobQueue):
         with self._lock:
             self._sweep(now)
             sessions = list(self._sessions.values())
-            stored = sum(len(s.scan) + sum(len(b) for b in s.blobs.values()) for s in sessions)
+            stored = sum(len(s.images) + len(s.scan or b"") + sum(len(b) for b in s.blobs.values()) for s in sessions)
         return StoreStats(queued=queued, pending=pending, oldest_queued_age_s=max(age_s, 0.0),
                           sessions=len(sessions), bytes_stored=stored)

@@ -3,6 +3,7 @@
 Keys (``{p}`` is the configured prefix, ``{id}`` a session id):
 
 - ``{p}:s:{id}:meta``      hash: ``record`` (SessionRecord JSON), ``version`` (int)
+- ``{p}:s:{id}:images``    the first window's network input (preprocessed images blob)
 - ``{p}:s:{id}:scan``      the scan blob (CT and PET as uploaded, service.imaging.scan)
 - ``{p}:s:{id}:versions``  hash: ``{k}`` VersionRecord JSON, ``probability:{k}``,
                            ``mask:{k}`` and ``uncertainty:{k}`` the version's blobs
@@ -185,7 +186,7 @@ class RedisStore(SessionStore, JobQueue):
         return f"{self._p}:s:{session_id}:{part}"
 
     def _session_keys(self, session_id: str) -> list[str]:
-        return [self._key(session_id, part) for part in ("meta", "scan", "versions", "jobs", "idem")]
+        return [self._key(session_id, part) for part in ("meta", "images", "scan", "versions", "jobs", "idem")]
 
     def _wake(self, job_id: str) -> str:
         return f"{self._p}:wake:{job_id}"
@@ -202,12 +203,12 @@ class RedisStore(SessionStore, JobQueue):
             return False
 
     @_reachable
-    def create_session(self, record: SessionRecord, scan: bytes) -> SessionRecord:
-        meta, scan_key, *_ = self._session_keys(record.id)
+    def create_session(self, record: SessionRecord, images: bytes) -> SessionRecord:
+        meta, images_key, *_ = self._session_keys(record.id)
         with self._redis.pipeline() as pipe:
             pipe.hset(meta, mapping={"record": record.to_json(), "version": -1})
             pipe.pexpire(meta, self._ttl_ms)
-            pipe.set(scan_key, scan, px=self._ttl_ms)
+            pipe.set(images_key, images, px=self._ttl_ms)
             pipe.set(self._key(record.id, "known"), "live", px=self._known_ttl_ms)
             pipe.execute()
         return self._record(record.to_json(), -1, self._ttl_ms)
@@ -249,11 +250,31 @@ class RedisStore(SessionStore, JobQueue):
             pipe.execute()
 
     @_reachable
-    def load_scan(self, session_id: str) -> bytes:
-        scan = self._redis.get(self._key(session_id, "scan"))
-        if scan is None:
+    def load_images(self, session_id: str) -> bytes:
+        return self._blob_of_session(session_id, "images")
+
+    @_reachable
+    def store_scan(self, session_id: str, scan: bytes) -> None:
+        meta = self._key(session_id, "meta")
+        with self._redis.pipeline() as pipe:  # MULTI: the scan is kept only while the session lives
+            pipe.exists(meta)
+            pipe.pttl(meta)
+            exists, ttl_ms = pipe.execute()
+        if not exists:
             raise self._missing(session_id)
-        return bytes(cast(bytes, scan))
+        self._redis.set(self._key(session_id, "scan"), scan, px=max(int(ttl_ms), 1))
+
+    @_reachable
+    def load_scan(self, session_id: str) -> bytes:
+        return self._blob_of_session(session_id, "scan")
+
+    def _blob_of_session(self, session_id: str, part: str) -> bytes:
+        blob = self._redis.get(self._key(session_id, part))
+        if blob is None:
+            if self._redis.exists(self._key(session_id, "meta")):
+                raise SessionNotFound(f"{session_id} has no {part}")
+            raise self._missing(session_id)
+        return bytes(cast(bytes, blob))
 
     @_reachable
     def get_version(self, session_id: str, version: int) -> VersionRecord:

@@ -38,7 +38,7 @@ def test_source_round_trips(store: MemoryStore | RedisStore, pair: dict[str, lis
         original_shape=(48, 44, 20), original_affine=tuple(tuple(float(v) for v in row) for row in np.eye(4)),
         created_at=time.time(), source=source,
     )
-    loaded = store.get_session(store.create_session(record, b"scan").id)
+    loaded = store.get_session(store.create_session(record, b"images").id)
     assert loaded.source == source
     assert ct_source(loaded.source) == ct
     assert ct_source(dataclasses.replace(loaded, source=None).source) is None

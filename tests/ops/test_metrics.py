@@ -144,7 +144,7 @@ def test_redis_state_and_reclaims(redis_url: str, redis_prefix: str) -> None:
     store = connect(redis_url, session_ttl_s=60, claim_idle_s=0.05, prefix=redis_prefix)
     empty = store.stats()
     assert (empty.queued, empty.pending, empty.oldest_queued_age_s, empty.sessions) == (0, 0, 0.0, 0)
-    store.create_session(SessionRecord("s1", None, {}, (1, 1, 1), ((1.0,),), time.time()), b"scan")
+    store.create_session(SessionRecord("s1", None, {}, (1, 1, 1), ((1.0,),), time.time()), b"images")
     store.heartbeat("worker-a", {"name": "worker-a"})
     store.heartbeat("worker-b", {"name": "worker-b"})
     for n in range(3):

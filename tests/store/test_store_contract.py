@@ -69,30 +69,38 @@ def _version(version: int, parent: int | None, clicks: tuple[Click, ...] = (), j
 
 
 def test_session_round_trip(store: MemoryStore | RedisStore) -> None:
-    created = store.create_session(_record(), b"scan")
+    created = store.create_session(_record(), b"images")
     loaded = store.get_session(created.id)
     assert loaded.version == -1
     assert loaded.original_shape == (5, 6, 7)
     assert loaded.owner == "owner-a"
     assert loaded.expires_at > time.time() + 50
+    assert store.load_images(created.id) == b"images"
+    with pytest.raises(SessionNotFound):  # no scan kept yet
+        store.load_scan(created.id)
+    store.store_scan(created.id, b"scan")
     assert store.load_scan(created.id) == b"scan"
 
 
 def test_unknown_and_deleted_sessions(store: MemoryStore | RedisStore) -> None:
     with pytest.raises(SessionNotFound):
         store.get_session("no-such-session")
-    created = store.create_session(_record(), b"scan")
+    created = store.create_session(_record(), b"images")
     store.delete_session(created.id)
     with pytest.raises(SessionGone):
         store.get_session(created.id)
     with pytest.raises(SessionGone):
+        store.load_images(created.id)
+    with pytest.raises(SessionGone):
         store.load_scan(created.id)
+    with pytest.raises(SessionGone):
+        store.store_scan(created.id, b"scan")
     assert store.commit_version(created.id, -1, _version(0, None), {}) is CommitResult.GONE
 
 
 def test_sessions_expire(redis_url: str, redis_prefix: str) -> None:
     for store in (MemoryStore(session_ttl_s=0.2), RedisStore(redis_url, session_ttl_s=0.2, prefix=redis_prefix)):
-        created = store.create_session(_record(), b"scan")
+        created = store.create_session(_record(), b"images")
         store.get_session(created.id)
         time.sleep(0.4)
         with pytest.raises(SessionGone):
@@ -101,11 +109,11 @@ def test_sessions_expire(redis_url: str, redis_prefix: str) -> None:
 
 def test_use_refreshes_expiry(redis_url: str, redis_prefix: str) -> None:
     for store in (MemoryStore(session_ttl_s=0.6), RedisStore(redis_url, session_ttl_s=0.6, prefix=redis_prefix)):
-        created = store.create_session(_record(), b"scan")
+        created = store.create_session(_record(), b"images")
         for _ in range(4):
             time.sleep(0.3)
             store.get_session(created.id)  # each use pushes expiry out again
-        assert store.load_scan(created.id) == b"scan"
+        assert store.load_images(created.id) == b"images"
 
 
 def _blobs(probability: np.ndarray) -> dict[str, bytes]:
@@ -118,7 +126,7 @@ def _job(session: str, job_id: str, base: int = 0, kind: str = "refine") -> Job:
 
 
 def test_commit_only_on_current_version(store: MemoryStore | RedisStore) -> None:
-    session = store.create_session(_record(), b"scan").id
+    session = store.create_session(_record(), b"images").id
     probability = np.linspace(0, 1, 64, dtype=np.float32).reshape(4, 4, 4)
     assert store.commit_version(session, -1, _version(0, None, job="a"), _blobs(probability)) is CommitResult.COMMITTED
     click = Click("foreground", (1, 2, 3))
@@ -138,7 +146,7 @@ def test_commit_only_on_current_version(store: MemoryStore | RedisStore) -> None
 
 
 def test_version_can_share_an_older_version_blobs(store: MemoryStore | RedisStore) -> None:
-    session = store.create_session(_record(), b"scan").id
+    session = store.create_session(_record(), b"images").id
     store.commit_version(session, -1, _version(0, None), {BLOB_PROBABILITY: b"blob-0", BLOB_MASK: b'{"m": 0}'})
     store.commit_version(session, 0, _version(1, 0, job="k"), {BLOB_PROBABILITY: b"blob-1", BLOB_MASK: b'{"m": 1}'})
     undo = VersionRecord(version=2, parent=None, clicks=(), job_id="undo", probability_of=0)
@@ -150,7 +158,7 @@ def test_version_can_share_an_older_version_blobs(store: MemoryStore | RedisStor
 
 
 def test_concurrent_commits_land_once(store: MemoryStore | RedisStore) -> None:
-    session = store.create_session(_record(), b"scan").id
+    session = store.create_session(_record(), b"images").id
     store.commit_version(session, -1, _version(0, None), {BLOB_PROBABILITY: b"blob-0"})
     results: list[CommitResult] = []
 
@@ -168,7 +176,7 @@ def test_concurrent_commits_land_once(store: MemoryStore | RedisStore) -> None:
 
 def test_a_key_is_bound_to_its_job_while_it_may_land(engine_alive: MemoryStore | RedisStore) -> None:
     store = engine_alive
-    session = store.create_session(_record(), b"scan").id
+    session = store.create_session(_record(), b"images").id
     claim = IdempotencyClaim("key-1", "fp-1")
     first = store.submit(_job(session, "job-1"), claim)
     assert first.new and first.job_id == "job-1"
@@ -187,7 +195,7 @@ def test_a_key_is_bound_to_its_job_while_it_may_land(engine_alive: MemoryStore |
 
 def test_a_cancelled_job_never_commits(engine_alive: MemoryStore | RedisStore) -> None:
     store = engine_alive
-    session = store.create_session(_record(), b"scan").id
+    session = store.create_session(_record(), b"images").id
     store.commit_version(session, -1, _version(0, None, job="init"), {BLOB_PROBABILITY: b"p"})
     store.submit(_job(session, "slow"), None)
     assert store.cancel(session, "slow").status is OutcomeStatus.CANCELLED
@@ -203,7 +211,7 @@ def test_a_cancelled_job_never_commits(engine_alive: MemoryStore | RedisStore) -
 
 
 def test_an_undo_binds_its_key_in_its_commit(store: MemoryStore | RedisStore) -> None:
-    session = store.create_session(_record(), b"scan").id
+    session = store.create_session(_record(), b"images").id
     store.commit_version(session, -1, _version(0, None), {BLOB_PROBABILITY: b"p0"})
     store.commit_version(session, 0, _version(1, 0, job="k"), {BLOB_PROBABILITY: b"p1"})
     claim = IdempotencyClaim("undo-key", "fp")
@@ -218,7 +226,7 @@ def test_an_undo_binds_its_key_in_its_commit(store: MemoryStore | RedisStore) ->
 
 def test_waiting_for_an_outcome(engine_alive: MemoryStore | RedisStore) -> None:
     store = engine_alive
-    session = store.create_session(_record(), b"scan").id
+    session = store.create_session(_record(), b"images").id
     store.commit_version(session, -1, _version(0, None), {BLOB_PROBABILITY: b"p0"})
     store.submit(_job(session, "w"), None)
     assert store.wait_outcome(session, "w", timeout_s=0.05).status is OutcomeStatus.QUEUED
@@ -235,7 +243,7 @@ def test_waiting_for_an_outcome(engine_alive: MemoryStore | RedisStore) -> None:
 
 def test_jobs_travel_whole(engine_alive: MemoryStore | RedisStore) -> None:
     store = engine_alive
-    session = store.create_session(_record(), b"scan").id
+    session = store.create_session(_record(), b"images").id
     job = Job(id=uuid.uuid4().hex, session_id=session, kind="refine", base_version=3,
               new_clicks=(Click("background", (0, 1, 2)),), request_id="req-1")
     store.submit(job)
@@ -247,7 +255,7 @@ def test_jobs_travel_whole(engine_alive: MemoryStore | RedisStore) -> None:
 
 def test_unacknowledged_job_is_reclaimed(redis_url: str, redis_prefix: str) -> None:
     store = RedisStore(redis_url, session_ttl_s=60, claim_idle_s=0.3, prefix=redis_prefix)
-    session = store.create_session(_record(), b"scan").id
+    session = store.create_session(_record(), b"images").id
     job = _job(session, "job-x", base=-1, kind="initial")
     store.heartbeat("slow", {"name": "slow"})
     store.submit(job)
@@ -264,7 +272,7 @@ def test_unacknowledged_job_is_reclaimed(redis_url: str, redis_prefix: str) -> N
 
 def test_a_dead_workers_job_is_taken_over_without_waiting_for_the_claim(redis_url: str, redis_prefix: str) -> None:
     store = RedisStore(redis_url, session_ttl_s=60, claim_idle_s=600, prefix=redis_prefix)
-    session = store.create_session(_record(), b"scan").id
+    session = store.create_session(_record(), b"images").id
     job = _job(session, "job-d", base=-1, kind="initial")
     store.heartbeat("doomed", {"name": "doomed"})
     store.submit(job)
@@ -279,7 +287,7 @@ def test_a_dead_workers_job_is_taken_over_without_waiting_for_the_claim(redis_ur
 def test_keep_alive_holds_a_claim(redis_url: str, redis_prefix: str) -> None:
     store = RedisStore(redis_url, session_ttl_s=60, claim_idle_s=0.3, prefix=redis_prefix)
     other = RedisStore(redis_url, session_ttl_s=60, claim_idle_s=0.3, prefix=redis_prefix)
-    session = store.create_session(_record(), b"scan").id
+    session = store.create_session(_record(), b"images").id
     job = _job(session, "job-y", base=-1, kind="initial")
     store.heartbeat("slow", {"name": "slow"})
     store.submit(job)
@@ -292,7 +300,7 @@ def test_keep_alive_holds_a_claim(redis_url: str, redis_prefix: str) -> None:
 
 
 def test_no_job_is_queued_without_a_live_worker(store: MemoryStore | RedisStore) -> None:
-    session = store.create_session(_record(), b"scan").id
+    session = store.create_session(_record(), b"images").id
     with pytest.raises(NoLiveWorker):
         store.submit(_job(session, "orphan"), IdempotencyClaim("key", "fp"))
     assert store.job_outcome(session, "orphan") is None
@@ -322,7 +330,7 @@ def test_an_unreachable_redis_is_a_store_error_in_bounded_time() -> None:
 
 
 def test_uncertainty_is_kept_with_its_version_and_followed_by_undo(store: MemoryStore | RedisStore) -> None:
-    record = store.create_session(_record(), b"scan")
+    record = store.create_session(_record(), b"images")
     blobs = {BLOB_PROBABILITY: b"p0", BLOB_UNCERTAINTY: b"u0"}
     assert store.commit_version(record.id, -1, _version(0, None), blobs) is CommitResult.COMMITTED
     assert store.commit_version(record.id, 0, _version(1, 0, job="k"), {BLOB_PROBABILITY: b"p1"}) is CommitResult.COMMITTED
