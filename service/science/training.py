@@ -61,7 +61,7 @@ from service.science.dataset import (
     select,
     write_folds,
 )
-from service.science.training_config import CONFIGS, METHODS, TrainConfig
+from service.science.training_config import CONFIGS, MEMORY_SOURCES, METHODS, TrainConfig
 from service.science.training_loop import UnfinishedMembers, train_stage
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,7 @@ def _run(args: argparse.Namespace) -> int:
                                    ("refinement_memory", args.memory_from),
                                    ("click_loss_weight", args.click_loss),
                                    ("keep_loss_weight", args.keep_loss),
+                                   ("local_target_mm", args.local_target),
                                    ("no_op_click_chance", args.no_op_clicks))
                  if v is not None}
     config = replace(config, **overrides)
@@ -233,9 +234,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--refinement-from", choices=("initial", "scratch"),
                         help="2S-ICR: start the refinement net as a copy of the initial net (extra inputs at zero) "
                         "or from scratch (the paper)")
-    parser.add_argument("--memory-from", choices=("fold", "held-out"),
+    parser.add_argument("--memory-from", choices=MEMORY_SOURCES,
                         help="2S-ICR: the first memory of a refinement sample is the output of the fold's own initial "
-                        "member (default) or of the initial member that never trained on the case (as at test time)")
+                        "member (default), of the initial member that never trained on the case, or the mean of all "
+                        "initial members (the ensemble's probability, as the service's first memory)")
     parser.add_argument("--lr", type=float, help="peak learning rate of the cosine schedule (overrides the configuration)")
     parser.add_argument("--p-drop", type=float, help="mask dropout probability for 2S-ICR refinement (default 0.2)")
     parser.add_argument("--initial-from", help="reuse this checkpoint's initial ensemble instead of training one: 2s-icr refines on it "
@@ -249,6 +251,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "Dice + BCE (default 0: none)")
     parser.add_argument("--keep-loss", type=float, help="2s-icr: weight of the BCE pulling the output towards the "
                         "memory's mask farther than 20 mm from every click (default 0: none)")
+    parser.add_argument("--local-target", type=float, metavar="MM", help="2s-icr: train each interaction towards the "
+                        "truth within MM of the clicks and the memory's mask beyond (default 0: the truth everywhere)")
     parser.add_argument("--no-op-clicks", type=float, help="2s-icr: chance that a training click is a no-op click "
                         "(background, far from mask and truth) instead of an error-correcting one (default 0)")
     parser.add_argument("--autocast", choices=AUTOCAST_CHOICES,

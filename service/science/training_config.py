@@ -13,6 +13,7 @@ from service.engine.clicks import DEFAULT_SIGMA_VOXELS
 from service.engine.networks import PAPER_ARCHITECTURE, Architecture
 
 METHODS = tuple(METHOD_STAGES)
+MEMORY_SOURCES = ("fold", "held-out", "ensemble")  # where a 2S-ICR refinement sample's first memory comes from
 CLICK_FREE_FRACTION = {"deepgrow": 0.0, "deepedit-25": 0.25, "deepedit-50": 0.5}
 
 
@@ -59,7 +60,7 @@ class TrainConfig:
     # smaller); "held-out", the initial member whose validation fold holds the case, i.e.
     # a mask made without that case, as the initial ensemble's masks are at test time.
     # On phantoms "fold" did better (docs/results/phantom-eval-samples-budget.md).
-    refinement_memory: str = "fold"
+    refinement_memory: str = "fold"  # or "held-out", or "ensemble": the mean of every initial member (MEMORY_SOURCES)
     # A net built from scratch starts by predicting this foreground share everywhere
     # (its output bias is the share's logit, as for detectors' rare classes): with
     # MONAI's zero bias it starts at 0.5, and at a small budget some seeds never left
@@ -79,6 +80,10 @@ class TrainConfig:
     # every click so far (0: none); not where mask dropout hid the memory.
     keep_loss_weight: float = 0.0
     keep_loss_radius_mm: float = 20.0
+    # 2S-ICR refinement, a click corrects around itself: when > 0, an interaction's target
+    # is the truth within this many mm of any click so far and the memory's mask farther
+    # away (the truth everywhere where mask dropout hid the memory). 0: the truth everywhere.
+    local_target_mm: float = 0.0
     # 2S-ICR refinement: the chance that an interaction's click is a no-op click
     # (service.science.simulator.no_op_click: background, in the body, far from the memory's
     # mask and the truth) instead of one correcting an error, so the net sees clicks that

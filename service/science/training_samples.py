@@ -25,7 +25,7 @@ from service.science.dataset import PreparedCase
 from service.science.evaluation import interaction_curve
 from service.science.methods import ClickGuided, NonInteractive, Segmenter
 from service.science.simulator import body_mask, next_click, no_op_click
-from service.science.training_config import CLICK_FREE_FRACTION, TrainConfig
+from service.science.training_config import CLICK_FREE_FRACTION, MEMORY_SOURCES, TrainConfig
 from service.store.contract import Click
 
 
@@ -69,8 +69,9 @@ class StageTrainer:
         self.initial_nets: dict[int, UNet] = {}  # frozen initial member per fold (2S-ICR refinement)
         self.held_out_by: dict[str, int] = {}  # case id -> the fold that validates on it
         self.precision = autocast_dtype(config.autocast, device)
-        if config.refinement_memory not in ("fold", "held-out"):
-            raise ValueError(f"refinement memory comes from 'fold' or 'held-out', not {config.refinement_memory!r}")
+        if config.refinement_memory not in MEMORY_SOURCES:
+            raise ValueError(f"refinement memory comes from one of {', '.join(MEMORY_SOURCES)}, "
+                             f"not {config.refinement_memory!r}")
 
     def reduced_precision(self) -> torch.autocast:
         """The forward passes' autocast context (a no-op for float32 training)."""
@@ -93,7 +94,7 @@ class StageTrainer:
         if self.stage == "initial":
             return [lambda: self.loss(net(_tensor(images, self.device)), target)]
         if self.stage == "refinement":
-            return self._refinement_steps(net, self.memory_net(case_id, fold), images, truth, target)
+            return self._refinement_steps(net, self.memory_nets(case_id, fold), images, truth, target)
         return [self._click_guided_step(net, images, truth, target)]
 
     def use_initial(self, members: Sequence[UNet], folds: Sequence[dict[str, list[str]]]) -> None:
@@ -101,17 +102,21 @@ class StageTrainer:
         self.initial_nets = {f: net.to(self.device).eval() for f, net in enumerate(members)}
         self.held_out_by = {case_id: f for f, fold in enumerate(folds) for case_id in fold["val"]}
 
-    def memory_net(self, case_id: str, fold: int) -> UNet:
-        """The frozen initial member whose output is a refinement sample's first memory."""
+    def memory_nets(self, case_id: str, fold: int) -> list[UNet]:
+        """The frozen initial members whose mean output is a refinement sample's first memory: the fold's
+        own, the one that never trained on the case, or all of them (the ensemble, as at test time)."""
+        if self.config.refinement_memory == "ensemble":
+            return list(self.initial_nets.values())
         if self.config.refinement_memory == "held-out":
-            return self.initial_nets[self.held_out_by.get(case_id, fold)]
-        return self.initial_nets[fold]
+            return [self.initial_nets[self.held_out_by.get(case_id, fold)]]
+        return [self.initial_nets[fold]]
 
     def _refinement_steps(
-        self, net: UNet, initial: UNet, images: np.ndarray, truth: np.ndarray, target: torch.Tensor
+        self, net: UNet, initial: Sequence[UNet], images: np.ndarray, truth: np.ndarray, target: torch.Tensor
     ) -> list[Callable[[], torch.Tensor]]:
         """1-15 interactions; each is a forward/backward on the last output (memory)."""
-        state = {"previous": torch.sigmoid(self._infer(initial, images))[0, 0].cpu().numpy()}
+        first = np.mean([torch.sigmoid(self._infer(member, images))[0, 0].cpu().numpy() for member in initial], axis=0)
+        state = {"previous": first.astype(np.float32)}
         clicks: list[Click] = []
         interactions = int(self.rng.integers(1, self.config.max_train_clicks + 1))
 
@@ -126,7 +131,11 @@ class StageTrainer:
             maps = click_maps(clicks, truth.shape, self.config.click_sigma_voxels)
             logits = net(_tensor(np.concatenate([images, memory[None], maps]), self.device))
             state["previous"] = torch.sigmoid(logits.detach().float())[0, 0].cpu().numpy()
-            loss = self.loss(logits, target)
+            wanted = target
+            if self.config.local_target_mm > 0 and not dropped:
+                near = click_balls(clicks, truth.shape, self.config.local_target_mm / self.config.spacing_mm)
+                wanted = _tensor(np.where(near, truth, memory > 0.5)[None].astype(np.float32), self.device)
+            loss = self.loss(logits, wanted)
             if self.config.click_loss_weight > 0 and clicks:
                 balls = _tensor(click_balls(clicks, truth.shape, self.config.click_loss_radius_voxels)[None], self.device)
                 loss = loss + self.config.click_loss_weight * _ball_bce(logits, target, balls)

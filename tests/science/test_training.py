@@ -102,16 +102,17 @@ def test_mixed_precision_trains_the_click_taking_stages(method: str, stage: str,
     assert 0.0 <= member.best_metric <= 1.0
 
 
-@pytest.mark.parametrize(("memory", "expected"), [("fold", [0, 1]), ("held-out", [1, 0])])
-def test_refinement_memory_comes_from_the_fold_member_or_the_one_that_never_saw_the_case(
-    memory: str, expected: list[int]
+@pytest.mark.parametrize(("memory", "expected"), [("fold", [[0], [1]]), ("held-out", [[1], [0]]),
+                                                  ("ensemble", [[0, 1], [0, 1]])])
+def test_refinement_memory_comes_from_the_fold_member_the_one_that_never_saw_the_case_or_all(
+    memory: str, expected: list[list[int]]
 ) -> None:
     config = replace(CONFIGS["tiny"], refinement_memory=memory)
     trainer = StageTrainer("2s-icr", "refinement", config, CPU, seed=0)
     members = [build_unet(INITIAL_CHANNELS, config.architecture) for _ in range(2)]
     trainer.use_initial(members, [{"train": ["a"], "val": ["b"]}, {"train": ["b"], "val": ["a"]}])
     # fold 0 trains on case a, fold 1 on case b
-    assert [trainer.memory_net("a", 0), trainer.memory_net("b", 1)] == [members[i] for i in expected]
+    assert [trainer.memory_nets("a", 0), trainer.memory_nets("b", 1)] == [[members[i] for i in e] for e in expected]
 
 
 def test_training_writes_a_checkpoint_the_service_loads(phantom_data: Path, two_stage_run: tuple[Path, Path]) -> None:
