@@ -51,7 +51,7 @@ ct_affine = nib.load(f"{prefix}_ct.nii.gz").affine
 
 
 def session_bytes(r: redis.Redis, sid: str) -> int:
-    return sum(int(r.memory_usage(key) or 0) for key in r.scan_iter(match=f"*:s:{sid}:*"))
+    return sum(int(r.memory_usage(key, samples=0) or 0) for key in r.scan_iter(match=f"*:s:{sid}:*"))
 
 
 def measure(tree: Path, moving: bool) -> dict[str, list[float]]:
