@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import nibabel as nib
 import numpy as np
 import redis
 
-from service.bench.processes import free_port, redis_server_binary
+from service.bench.processes import free_port, start_process, start_redis, wait_ready
 from service.imaging.grid import WorkingGrid, resample
 from service.imaging.nifti import load_nifti_file
 from service.imaging.volume import Volume
@@ -57,27 +56,19 @@ def session_bytes(r: redis.Redis, sid: str) -> int:
 def measure(tree: Path, moving: bool) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"create_s": [], "click_s": [], "version_bytes": [], "scan_bytes": [],
                                    "move_s": [], "move_bytes": []}
-    port, api_port = free_port(), free_port()
-    scratch = tempfile.mkdtemp()
-    server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--save", "", "--appendonly", "no",
-                               "--dir", scratch], stdout=subprocess.DEVNULL)
+    scratch = Path(tempfile.mkdtemp())
+    server, redis_url = start_redis(scratch)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ICR_")}
-    env.update(REDIS_URL=f"redis://127.0.0.1:{port}/0", ICR_WEIGHTS=weights, ICR_DEVICE="cpu", ICR_TORCH_THREADS="1",
+    env.update(REDIS_URL=redis_url, ICR_WEIGHTS=weights, ICR_DEVICE="cpu", ICR_TORCH_THREADS="1",
                ICR_MAX_UPLOAD_MB="512", ICR_MAX_IMAGE_MB="4096", PYTHONPATH=str(tree))
-    command = [sys.executable, "-m", "service.cli", "--log-level", "WARNING"]
-    api = subprocess.Popen([*command, "serve", "--port", str(api_port)], env=env, cwd=tree,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen([*command, "worker"], env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-P", "-m", "service.cli", "--log-level", "WARNING"]  # -P: the tree's service, not ./
+    api_port = free_port()
+    api = start_process("serve", [*command, "serve", "--port", str(api_port)], env, scratch)
+    worker = start_process("worker", [*command, "worker"], env, scratch)
     url = f"http://127.0.0.1:{api_port}"
-    r = redis.Redis(port=port)
+    r = redis.Redis.from_url(redis_url)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_ready(url, api)
         with httpx.Client(base_url=url, timeout=600) as client:
             for session in range(SESSIONS):
                 started = time.perf_counter()
@@ -114,8 +105,7 @@ def measure(tree: Path, moving: bool) -> dict[str, list[float]]:
                 client.delete(f"/v1/sessions/{sid}")
     finally:
         for process in (worker, api, server):
-            process.terminate()
-            process.wait(30)
+            process.stop()
     return out
 
 
