@@ -52,6 +52,7 @@ from service.store.contract import (
     JobOutcome,
     JobQueue,
     OutcomeStatus,
+    ScanMissing,
     SessionGone,
     SessionNotFound,
     SessionStore,
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
 SCAN_CACHE_SESSIONS = 2  # decoded scans (a whole-body CT is a few hundred MB as float32)
 IMAGE_CACHE_WINDOWS = 16  # preprocessed network inputs of recent windows
+SCAN_WAIT_S = 60.0  # how long a job waits for a scan its session's creation is still storing
 WINDOW_CACHE = 64  # decoded window probabilities (they never change once stored)
 OUTAGE_BACKOFF_S = (0.2, 5.0)  # first and longest wait while the store is unreachable
 
@@ -202,11 +204,23 @@ class Worker:
         if session_id in self._scans:
             self._scans.move_to_end(session_id)
             return self._scans[session_id]
-        scan = decode_scan(self.store.load_scan(session_id))
+        scan = decode_scan(self._stored_scan(session_id))
         self._scans[session_id] = scan
         while len(self._scans) > SCAN_CACHE_SESSIONS:
             self._scans.popitem(last=False)
         return scan
+
+    def _stored_scan(self, session_id: str) -> bytes:
+        """The session's scan; a job that needs it before its creation has stored it (the border rule
+        right after the initial pass) waits for it, ``SCAN_WAIT_S`` at most."""
+        deadline = time.monotonic() + SCAN_WAIT_S
+        while True:
+            try:
+                return self.store.load_scan(session_id)
+            except ScanMissing:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _window_images(self, session_id: str, window: WorkingGrid, offset: windows.Offset) -> np.ndarray:
         """The network input of a window: the first one's as the API made it, the others from the scan."""

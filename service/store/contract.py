@@ -62,6 +62,10 @@ class StoreUnavailable(StoreError):
     """The backing store cannot be reached (or did not answer in time)."""
 
 
+class ScanMissing(StoreError):
+    """The session has no scan yet: its creation stores the scan while the initial pass runs."""
+
+
 class NoLiveWorker(StoreError):
     """A job was submitted while no engine worker is alive: nothing was queued."""
 
@@ -344,7 +348,7 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     def load_scan(self, session_id: str) -> bytes:
-        """The scan :meth:`store_scan` kept; SessionNotFound when none was kept."""
+        """The scan :meth:`store_scan` kept; ScanMissing while none is."""
 
     @abc.abstractmethod
     def get_version(self, session_id: str, version: int) -> VersionRecord: ...

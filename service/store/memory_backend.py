@@ -24,6 +24,7 @@ from service.store.contract import (
     JobQueue,
     NoLiveWorker,
     OutcomeStatus,
+    ScanMissing,
     SessionGone,
     SessionNotFound,
     SessionRecord,
@@ -117,7 +118,7 @@ class MemoryStore(SessionStore, JobQueue):
         with self._lock:
             scan = self._live(session_id, touch=False).scan
         if scan is None:
-            raise SessionNotFound(f"{session_id} has no scan")
+            raise ScanMissing(session_id)
         return scan
 
     def _version(self, session: _Session, version: int) -> VersionRecord:

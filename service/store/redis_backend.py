@@ -54,6 +54,7 @@ from service.store.contract import (
     JobQueue,
     NoLiveWorker,
     OutcomeStatus,
+    ScanMissing,
     SessionGone,
     SessionNotFound,
     SessionRecord,
@@ -251,7 +252,10 @@ class RedisStore(SessionStore, JobQueue):
 
     @_reachable
     def load_images(self, session_id: str) -> bytes:
-        return self._blob_of_session(session_id, "images")
+        images = self._redis.get(self._key(session_id, "images"))
+        if images is None:
+            raise self._missing(session_id)
+        return bytes(cast(bytes, images))
 
     @_reachable
     def store_scan(self, session_id: str, scan: bytes) -> None:
@@ -266,15 +270,12 @@ class RedisStore(SessionStore, JobQueue):
 
     @_reachable
     def load_scan(self, session_id: str) -> bytes:
-        return self._blob_of_session(session_id, "scan")
-
-    def _blob_of_session(self, session_id: str, part: str) -> bytes:
-        blob = self._redis.get(self._key(session_id, part))
-        if blob is None:
+        scan = self._redis.get(self._key(session_id, "scan"))
+        if scan is None:
             if self._redis.exists(self._key(session_id, "meta")):
-                raise SessionNotFound(f"{session_id} has no {part}")
+                raise ScanMissing(session_id)
             raise self._missing(session_id)
-        return bytes(cast(bytes, blob))
+        return bytes(cast(bytes, scan))
 
     @_reachable
     def get_version(self, session_id: str, version: int) -> VersionRecord:

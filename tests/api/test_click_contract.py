@@ -139,7 +139,7 @@ def test_a_key_reused_with_another_body_is_refused(deployment: Deployment) -> No
     sid = deployment.create()
     assert deployment.patient.post(f"/v1/sessions/{sid}/clicks", json=CLICK,
                                    headers={"Idempotency-Key": "r-1"}).status_code == 200
-    other = {"clicks": [{"label": "background", "voxel": [2, 2, 2]}]}
+    other = {"clicks": [{"label": "background", "voxel": [22, 22, 22]}]}
     refused = deployment.patient.post(f"/v1/sessions/{sid}/clicks", json=other, headers={"Idempotency-Key": "r-1"})
     assert refused.status_code == 422, refused.text
     assert refused.json()["type"] == "urn:icr:problem:idempotency-key-reused"

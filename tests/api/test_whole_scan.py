@@ -8,6 +8,8 @@ on a 1 mm grid aligned with the session lattice, so the original-space mask is t
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +23,15 @@ from service.api.app import create_app
 from service.engine.checkpoints import write_checkpoint
 from service.engine.loading import load_engine
 from service.engine.networks import INITIAL_CHANNELS, REFINEMENT_CHANNELS, Architecture, build_unet
+from service.engine.worker import Worker
+from service.imaging.grid import WorkingGrid, lattice_extent, preprocess, world_box
 from service.imaging.nifti import write_nifti
+from service.imaging.scan import Scan, encode_scan
+from service.imaging.volume import Volume
 from service.settings import Settings
+from service.store.codec import encode_array
+from service.store.contract import Extent, Job, OutcomeStatus, SessionRecord
+from service.store.memory_backend import MemoryStore
 from tests.api.test_sessions_http import decode_mask, nifti
 
 ARCHITECTURE = Architecture(channels=(4, 8, 16), strides=(1, 2), num_res_units=1)
@@ -186,3 +195,27 @@ def test_a_click_or_centre_outside_the_ct_is_refused_with_its_extent(
     assert moving_client.get(f"/v1/sessions/{body['id']}").json()["version"] == 0
     wrong_frame = moving_client.post("/v1/sessions", files=scan_files, data={"centre": "-15.5,-15.5,79.5"})
     assert wrong_frame.status_code == 422 and "lies outside the CT" in wrong_frame.json()["detail"]
+
+
+def test_the_border_rule_right_after_creation_waits_for_the_scan_being_stored(all_tumour: Path) -> None:
+    """The API stores the scan while the initial pass runs; an extension window needs it."""
+    rng = np.random.default_rng(3)
+    ct = Volume(rng.normal(40, 20, CT_SHAPE).astype(np.int16).astype(np.float32), CT_AFFINE)
+    pet = Volume(rng.gamma(2.0, 0.5, CT_SHAPE).astype(np.float32), CT_AFFINE)
+    grid = WorkingGrid.around(FIRST_CENTRE, (WINDOW,) * 3, 1.0)
+    low, high = lattice_extent(ct, grid)
+    world_low, world_high = world_box(ct)
+    record = SessionRecord(
+        id="s", owner=None, grid=grid.to_dict(), original_shape=CT_SHAPE, original_affine=tuple(map(tuple, CT_AFFINE)),
+        created_at=time.time(),
+        extent=Extent(tuple(low), tuple(high), tuple(world_low), tuple(world_high)).to_dict(),  # type: ignore[arg-type]
+    )
+    store = MemoryStore(session_ttl_s=600)
+    store.create_session(record, encode_array(preprocess(ct, pet, grid).astype(np.float16)))
+    worker = Worker(load_engine(Settings(weights=all_tumour, device="cpu", autocast="off")), store, store, border_passes=1)
+    late = threading.Timer(0.5, store.store_scan, args=("s", encode_scan(Scan(ct, pet))))
+    late.start()
+    outcome = worker.process(Job(id="j", session_id="s", kind="initial", base_version=-1))
+    late.join()
+    assert outcome.status is OutcomeStatus.DONE
+    assert [w.offset for w in store.get_version("s", 0).windows] == [(0, 0, -16), (0, 0, 0)]

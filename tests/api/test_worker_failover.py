@@ -107,11 +107,14 @@ def test_a_click_whose_only_worker_died_fails_fast_and_never_lands(
         files = {role: (f"{role}.nii.gz", path.read_bytes()) for role, path in ct_pet_files.items()}
         sid = client.post("/v1/sessions", files=files).json()["id"]
         store = redis.Redis.from_url(redis_url)
-        body = {"clicks": [{"label": "background", "voxel": [3, 3, 3]}]}
+        body = {"clicks": [{"label": "background", "voxel": [20, 20, 20]}]}  # inside the CT
         with ThreadPoolExecutor(1) as pool:
             click = pool.submit(client.post, f"/v1/sessions/{sid}/clicks", json=body,
                                 headers={"Idempotency-Key": "k-1"})
+            deadline = time.monotonic() + 60
             while not _pending_for(store, f"{redis_prefix}:jobs", "doomed"):
+                assert not click.done(), click.result().text  # answered before the worker took it: say why
+                assert time.monotonic() < deadline, "the worker never took the click"
                 time.sleep(0.01)
             doomed.send_signal(signal.SIGKILL)
             doomed.wait()

@@ -24,6 +24,7 @@ from service.store.contract import (
     JobOutcome,
     NoLiveWorker,
     OutcomeStatus,
+    ScanMissing,
     SessionGone,
     SessionNotFound,
     SessionRecord,
@@ -76,7 +77,7 @@ def test_session_round_trip(store: MemoryStore | RedisStore) -> None:
     assert loaded.owner == "owner-a"
     assert loaded.expires_at > time.time() + 50
     assert store.load_images(created.id) == b"images"
-    with pytest.raises(SessionNotFound):  # no scan kept yet
+    with pytest.raises(ScanMissing):  # not kept yet
         store.load_scan(created.id)
     store.store_scan(created.id, b"scan")
     assert store.load_scan(created.id) == b"scan"
