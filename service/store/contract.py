@@ -33,7 +33,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 ClickLabel = Literal["foreground", "background"]
 CLICK_LABELS: tuple[ClickLabel, ...] = ("foreground", "background")  # also the click-map channel order
@@ -173,8 +173,27 @@ class SessionRecord:
         return cls(**data)
 
 
+Record = TypeVar("Record", bound="JsonRecord")
+
+
+class JsonRecord:
+    """JSON for a dataclass whose fields ``NESTED`` names hold tuples of Click-like records (``from_dict``)."""
+
+    NESTED: ClassVar[dict[str, Any]] = {}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls: type[Record], text: str | bytes) -> Record:
+        data = json.loads(text)
+        for name, kind in cls.NESTED.items():
+            data[name] = tuple(kind.from_dict(item) for item in data.get(name, ()))
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class VersionRecord:
+class VersionRecord(JsonRecord):
     version: int
     parent: int | None
     clicks: tuple[Click, ...]
@@ -182,6 +201,7 @@ class VersionRecord:
     probability_of: int  # the version whose blobs (mask, uncertainty) this version shows
     summary: dict[str, Any] = field(default_factory=dict)  # the mask's voxels, volume, bounding box
     windows: tuple[WindowRef, ...] = ()  # composed in order, a later one over an earlier; the last is current
+    NESTED: ClassVar[dict[str, Any]] = {"clicks": Click, "windows": WindowRef}
 
     def __post_init__(self) -> None:
         if not self.windows:  # a version of one window: the first, with its own probability
@@ -192,22 +212,10 @@ class VersionRecord:
         """The current window: the one the version's mask shows."""
         return self.windows[-1]
 
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["clicks"] = [c.to_dict() for c in self.clicks]
-        data["windows"] = [w.to_dict() for w in self.windows]
-        return json.dumps(data)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> VersionRecord:
-        data = json.loads(text)
-        data["clicks"] = tuple(Click.from_dict(c) for c in data["clicks"])
-        data["windows"] = tuple(WindowRef.from_dict(w) for w in data.get("windows", ()))
-        return cls(**data)
 
 
 @dataclass(frozen=True)
-class Job:
+class Job(JsonRecord):
     """One engine pass: the initial ensemble, or a refinement adding ``new_clicks`` to
     the clicks of ``base_version``."""
 
@@ -218,17 +226,7 @@ class Job:
     new_clicks: tuple[Click, ...] = field(default=())
     request_id: str = ""  # the X-Request-ID of the request that made the job, for the worker's logs
     created_at: float = field(default_factory=time.time)  # Unix time; the worker measures queue wait from it
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["new_clicks"] = [c.to_dict() for c in self.new_clicks]
-        return json.dumps(data)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> Job:
-        data = json.loads(text)
-        data["new_clicks"] = tuple(Click.from_dict(c) for c in data["new_clicks"])
-        return cls(**data)
+    NESTED: ClassVar[dict[str, Any]] = {"new_clicks": Click}
 
 
 class OutcomeStatus(str, Enum):
