@@ -26,6 +26,7 @@ def _tumour_centre(case: PhantomCase) -> np.ndarray:
     return np.asarray(voxels @ case.ct_affine[:3, :3].T + case.ct_affine[:3, 3])
 
 
+@pytest.mark.slow  # a whole-body phantom through the whole service (tests/imaging/test_localise.py is the fast check)
 def test_a_whole_body_upload_without_centre_gets_a_window_on_the_tumour(
     tiny_weights: Path, whole_body: PhantomCase
 ) -> None:

@@ -87,12 +87,12 @@ def _client(weights: Path, border_passes: int) -> Iterator[TestClient]:
         yield client
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tumour_client(all_tumour: Path) -> Iterator[TestClient]:
     yield from _client(all_tumour, border_passes=1)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def moving_client(tumour_then_background: Path) -> Iterator[TestClient]:
     yield from _client(tumour_then_background, border_passes=0)
 

@@ -109,10 +109,10 @@ def test_sessions_expire(redis_url: str, redis_prefix: str) -> None:
 
 
 def test_use_refreshes_expiry(redis_url: str, redis_prefix: str) -> None:
-    for store in (MemoryStore(session_ttl_s=0.6), RedisStore(redis_url, session_ttl_s=0.6, prefix=redis_prefix)):
+    for store in (MemoryStore(session_ttl_s=0.5), RedisStore(redis_url, session_ttl_s=0.5, prefix=redis_prefix)):
         created = store.create_session(_record(), b"images")
-        for _ in range(4):
-            time.sleep(0.3)
+        for _ in range(3):  # 0.75 s in all, past the 0.5 s TTL
+            time.sleep(0.25)
             store.get_session(created.id)  # each use pushes expiry out again
         assert store.load_images(created.id) == b"images"
 
