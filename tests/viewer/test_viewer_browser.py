@@ -238,6 +238,34 @@ def test_segment_a_phantom_with_clicks_undo_and_resume(
     assert any(url.endswith("/vendor/niivue/niivue.js") for url in browser.requests)
 
 
+def test_a_click_outside_the_working_window_moves_the_overlay_there(
+    browser: Browser, phantom: dict[str, Path], artifacts: Path
+) -> None:
+    import nibabel as nib
+
+    page = browser.page
+    _start(browser, phantom["ct"], phantom["pt"])
+    _settled(page)
+    page.click("[data-testid=create]")
+    _settled(page, "0")
+    assert page.evaluate("() => window.icrViewer.state.session.window.offset") == [0, 0, 0]
+    page.click("#layouts button[data-layout='0']")  # one axial view
+    ct = nib.load(phantom["ct"])
+    low_z = float(min(ct.affine[2, 3], ct.affine[2, 3] + ct.affine[2, 2] * (ct.shape[2] - 1)))
+    far = [*_tumour_centre_mm(phantom["gtvt"])[:2], low_z + 12.0]  # the CT's inferior end, far below the window
+    target = page.evaluate("(mm) => window.icrViewer.focus(mm)", far)
+    assert target is not None, "the inferior end is not on the axial view"
+    page.mouse.click(target["x"], target["y"], button="right")  # not tumour
+    _settled(page, "1")
+    window = page.evaluate("() => window.icrViewer.state.session.window")
+    assert window["offset"] != [0, 0, 0] and window["windows"] >= 2
+    # the overlay is the new window's: its affine places it where the click was
+    origin = page.evaluate("() => Array.from(window.icrViewer.state.overlays.annotation.hdr.affine.map((row) => row[3]))")
+    np.testing.assert_allclose(origin[:3], window["origin_mm"], atol=1e-3)
+    page.screenshot(path=str(artifacts / "moved-window.png"))
+    assert browser.errors == [], f"console errors: {browser.errors}"
+
+
 def test_bad_upload_shows_the_problem(browser: Browser, phantom: dict[str, Path], tmp_path: Path) -> None:
     page = browser.page
     not_nifti = tmp_path / "notes_ct.nii.gz"
