@@ -155,23 +155,10 @@ class SessionView:
         return SourceOut(ct=series["ct"], pet=series["pet"], suv=None if suv is None else SuvOut(**suv))
 
     def grid_out(self) -> GridOut:
-        return GridOut(
-            shape=self.grid.shape,
-            spacing_mm=self.grid.spacing_mm,
-            origin_mm=self.grid.origin_mm,
-            affine=self.grid.affine.tolist(),
-        )
+        return GridOut(**_grid_fields(self.grid))
 
     def window_out(self) -> WindowOut:
-        window = self.window
-        return WindowOut(
-            offset=self.version.window.offset,
-            shape=window.shape,
-            spacing_mm=window.spacing_mm,
-            origin_mm=window.origin_mm,
-            affine=window.affine.tolist(),
-            windows=len(self.version.windows),
-        )
+        return WindowOut(**_grid_fields(self.window), offset=self.version.window.offset, windows=len(self.version.windows))
 
     def extent_out(self) -> ExtentOut:
         return ExtentOut(**self.record.lattice_extent().to_dict())
@@ -430,10 +417,8 @@ class Sessions:
             )
 
     @staticmethod
-    def _to_click(index: int, click: ClickIn, record: SessionRecord) -> Click:
+    def _to_click(index: int, click: ClickIn, lattice: WorkingGrid, extent: Extent) -> Click:
         """The click on the session lattice; anywhere inside the CT, else ClickOutsideVolume naming its extent."""
-        lattice = WorkingGrid.from_dict(record.grid)
-        extent = record.lattice_extent()
         low, high = np.asarray(extent.low), np.asarray(extent.high)
         if click.voxel is not None:
             voxel = np.asarray(click.voxel, dtype=np.float64)
@@ -490,7 +475,8 @@ class Sessions:
             return replayed
         self.check_if_match(record, if_match)
         self._check_click_limits(record, len(clicks))
-        new = tuple(self._to_click(n, click, record) for n, click in enumerate(clicks))
+        lattice, extent = WorkingGrid.from_dict(record.grid), record.lattice_extent()
+        new = tuple(self._to_click(n, click, lattice, extent) for n, click in enumerate(clicks))
         job = Job(
             id=uuid.uuid4().hex, session_id=record.id, kind="refine",
             base_version=record.version, new_clicks=new, request_id=request_id or logs.request_id.get(),
@@ -549,6 +535,10 @@ class Sessions:
         if self.settings.honour_clicks:  # at the CT's own resolution, each clicked voxel has its click's label
             honour_clicked_voxels(mask, [(c.label, click_point(c, view.grid)) for c in view.version.clicks], affine)
         return mask.astype(np.uint8), affine
+
+
+def _grid_fields(grid: WorkingGrid) -> dict[str, Any]:
+    return {"shape": grid.shape, "spacing_mm": grid.spacing_mm, "origin_mm": grid.origin_mm, "affine": grid.affine.tolist()}
 
 
 def click_point(click: Click, lattice: WorkingGrid) -> np.ndarray:

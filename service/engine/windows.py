@@ -35,7 +35,6 @@ The rules:
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -120,29 +119,18 @@ def inside(clicks: Sequence[Click], shape: Sequence[int]) -> list[Click]:
 class Canvas:
     """A version's windows, composed: the session's probability over any box of the lattice.
 
-    ``load`` gives a window's stored probability; decoded windows are kept (they never
-    change) for the next composition.
+    ``load`` gives a stored window's probability (the worker caches them); the windows this
+    job computed are held here until they are committed.
     """
-
-    CACHED_WINDOWS = 32
 
     def __init__(self, windows: Sequence[WindowRef], shape: Sequence[int], load: Callable[[WindowRef], np.ndarray]):
         self.windows = list(windows)
         self.shape = (int(shape[0]), int(shape[1]), int(shape[2]))
         self._load = load
-        self._probabilities: OrderedDict[WindowRef, np.ndarray] = OrderedDict()
+        self._computed: dict[WindowRef, np.ndarray] = {}
 
     def probability(self, ref: WindowRef) -> np.ndarray:
-        if ref in self._probabilities:
-            self._probabilities.move_to_end(ref)
-            return self._probabilities[ref]
-        return self.keep(ref, self._load(ref))
-
-    def keep(self, ref: WindowRef, probability: np.ndarray) -> np.ndarray:
-        self._probabilities[ref] = probability
-        while len(self._probabilities) > self.CACHED_WINDOWS:
-            self._probabilities.popitem(last=False)
-        return probability
+        return self._computed[ref] if ref in self._computed else self._load(ref)
 
     def compose(self, low: Sequence[int], shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(probability, covered) over the lattice box at ``low`` of ``shape``: 0 and False where no window reaches."""
@@ -163,7 +151,7 @@ class Canvas:
 
     def add(self, ref: WindowRef, probability: np.ndarray, *, under: WindowRef | None = None) -> None:
         """Record a newly computed window: on top, or just under ``under``; it replaces an entry at its offset."""
-        self.keep(ref, probability)
+        self._computed[ref] = probability
         self.windows = [w for w in self.windows if w.offset != ref.offset]
         at = self.windows.index(under) if under is not None and under in self.windows else len(self.windows)
         self.windows.insert(at, ref)

@@ -163,16 +163,21 @@ def _start(seen: Browser, ct: Path, pet: Path) -> None:
     page.wait_for_selector("[data-testid=create]:not([disabled])")
 
 
+def _create_session(seen: Browser, phantom: dict[str, Path]) -> None:
+    """The phantom's session created in the page (version 0), shown in one axial view."""
+    _start(seen, phantom["ct"], phantom["pt"])
+    _settled(seen.page)
+    seen.page.click("[data-testid=create]")
+    _settled(seen.page, "0")
+    seen.page.click("#layouts button[data-layout='0']")  # one axial view
+
+
 # -- tests ----------------------------------------------------------------------------------
 def test_segment_a_phantom_with_clicks_undo_and_resume(
     browser: Browser, phantom: dict[str, Path], artifacts: Path
 ) -> None:
     page = browser.page
-    _start(browser, phantom["ct"], phantom["pt"])
-    _settled(page)
-    page.click("[data-testid=create]")
-    _settled(page, "0")
-    page.click("#layouts button[data-layout='0']")  # one axial view
+    _create_session(browser, phantom)
     target = page.evaluate("(mm) => window.icrViewer.focus(mm)", _tumour_centre_mm(phantom["gtvt"]))
     assert target is not None, "the tumour centre is not on the axial view"
     page.screenshot(path=str(artifacts / "v0.png"))
@@ -244,12 +249,8 @@ def test_a_click_outside_the_working_window_moves_the_overlay_there(
     import nibabel as nib
 
     page = browser.page
-    _start(browser, phantom["ct"], phantom["pt"])
-    _settled(page)
-    page.click("[data-testid=create]")
-    _settled(page, "0")
+    _create_session(browser, phantom)
     assert page.evaluate("() => window.icrViewer.state.session.window.offset") == [0, 0, 0]
-    page.click("#layouts button[data-layout='0']")  # one axial view
     ct = nib.load(phantom["ct"])
     low_z = float(min(ct.affine[2, 3], ct.affine[2, 3] + ct.affine[2, 2] * (ct.shape[2] - 1)))
     far = [*_tumour_centre_mm(phantom["gtvt"])[:2], low_z + 12.0]  # the CT's inferior end, far below the window
