@@ -122,8 +122,13 @@ def test_worker_endpoint_serves_metrics_and_readiness() -> None:
     server = endpoint.serve("127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.server_port}"
     try:
-        metrics.WORKER_HEARTBEAT.set(0)
-        assert httpx.get(f"{url}/readyz").status_code == 503
+        stale = []
+        for _ in range(5):  # an embedded worker of another test in this process may beat in between: try again
+            metrics.WORKER_HEARTBEAT.set(0)
+            stale.append(httpx.get(f"{url}/readyz").status_code)
+            if stale[-1] == 503:
+                break
+        assert stale[-1] == 503, stale
         metrics.mark_heartbeat()
         assert httpx.get(f"{url}/readyz").status_code == 200
         assert httpx.get(f"{url}/healthz").status_code == 200
