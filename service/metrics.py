@@ -66,7 +66,8 @@ JOBS = Counter("icr_jobs_total", "Engine jobs finished by this worker, by kind a
 ENGINE_PASSES = Counter(
     "icr_engine_passes_total",
     "Ensemble passes run by this worker, by job kind and stage (initial, refinement): a click in the current "
-    "window runs one refinement pass; one that moves the window into new territory, or the border rule, adds more.",
+    "window runs one refinement pass; one that moves the window into new territory, or the border rule, adds more. "
+    "The checkpoint's zero-click passes, which follow each initial pass, count as refinement passes.",
     ("kind", "stage"),
 )
 JOBS_RECLAIMED = Counter(

@@ -126,6 +126,7 @@ def _inference(checkpoint: LoadedCheckpoint, files: dict[str, list[str]]) -> dic
     if "refinement" in files:
         config["refinement_network_def"] = _network_def(STAGE_CHANNELS["refinement"], checkpoint.architecture)
         config["refinement_members"] = [f"$@bundle_root + '/models/{name}'" for name in files["refinement"]]
+        config["zero_click_passes"] = checkpoint.zero_click_passes
     return config
 
 
@@ -155,7 +156,7 @@ CT and PET resampled by their affines onto one grid around the region of interes
 {channels}
 
 The initial stage takes channels 0-1; the refinement stage takes 0-4, with all clicks so far
-(sigma {checkpoint.click_sigma_voxels:g} voxels, as MONAI's DeepGrow `AddGuidanceSignald`).
+(sigma {checkpoint.click_sigma_voxels:g} voxels, as MONAI's DeepGrow `AddGuidanceSignald`).{_zero_click_text(checkpoint)}
 
 ## Output
 Each member gives one logit channel; the stage's probability is the mean of the members'
@@ -182,6 +183,15 @@ This command turns the bundle back into a checkpoint directory for `ICR_WEIGHTS=
 """
 
 
+def _zero_click_text(checkpoint: LoadedCheckpoint) -> str:
+    passes = checkpoint.zero_click_passes
+    if not passes:
+        return ""
+    return (f"\nThe first mask (and the first memory) is the initial stage's probability followed by {passes} "
+            "refinement pass(es) with empty click maps, each on the previous one's output "
+            "(`zero_click_passes` in `configs/inference.json`).")
+
+
 def _import_command(checkpoint: LoadedCheckpoint, files: dict[str, list[str]]) -> str:
     architecture = checkpoint.architecture
     stages = " ".join(f"--{stage} '{stage}-*.pt'" for stage in files)
@@ -189,7 +199,8 @@ def _import_command(checkpoint: LoadedCheckpoint, files: dict[str, list[str]]) -
             f"--channels {','.join(map(str, architecture.channels))} "
             f"--strides {','.join(map(str, architecture.strides))} --res-units {architecture.num_res_units} "
             f"--grid {','.join(map(str, checkpoint.grid_shape))} --spacing {checkpoint.spacing_mm:g} "
-            f"--click-sigma {checkpoint.click_sigma_voxels:g}")
+            f"--click-sigma {checkpoint.click_sigma_voxels:g}"
+            + (f" --zero-click-passes {checkpoint.zero_click_passes}" if checkpoint.zero_click_passes else ""))
 
 
 def _member_files(directory: Path) -> dict[str, list[str]]:

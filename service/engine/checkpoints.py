@@ -8,12 +8,18 @@
       "architecture": {"channels": [...], "strides": [...], "num_res_units": 2},
       "grid": {"shape": [144, 144, 144], "spacing_mm": 1.0},
       "click_sigma_voxels": 3.0,
+      "zero_click_passes": 1,
       "stages": {
         "initial":    {"in_channels": 2, "members": [{"file": "initial-0.pt", "sha256": "..."}, ...]},
         "refinement": {"in_channels": 5, "members": [...]}
       },
       "description": "free text: data, training command"
     }
+
+``zero_click_passes`` (2S-ICR only; absent: 0, the paper's method) is how many refinement
+passes with no clicks follow the initial ensemble to make a session's first mask and first
+memory (see :meth:`service.engine.ensemble.Engine.initial_pass`). It is part of what the
+weights were validated with, so it lives in the manifest (and its digest), not in a setting.
 
 A member entry may carry provenance next to ``file`` and ``sha256``: ``icr weights
 import`` records ``source`` and ``source_sha256``, the file it came from.
@@ -51,6 +57,7 @@ from service.engine.networks import (
 )
 
 FORMAT = "icr-checkpoint/1"
+MAX_ZERO_CLICK_PASSES = 4
 MANIFEST = "manifest.json"
 STAGE_CHANNELS = {"initial": INITIAL_CHANNELS, "refinement": REFINEMENT_CHANNELS, "interactive": INTERACTIVE_CHANNELS}
 SERVED_METHODS = ("2s-icr", "unet")  # what an Engine serves: the initial stage, with or without refinement
@@ -77,6 +84,7 @@ class LoadedCheckpoint:
     stages: dict[str, list[UNet]]
     digest: str  # sha256 of the manifest: identifies the weights a worker serves
     description: str
+    zero_click_passes: int = 0  # refinement passes with no clicks that make the first mask (2S-ICR)
 
 
 def sha256_file(path: Path) -> str:
@@ -104,6 +112,7 @@ def write_checkpoint(
     grid_shape: tuple[int, int, int],
     spacing_mm: float = 1.0,
     click_sigma_voxels: float = DEFAULT_SIGMA_VOXELS,
+    zero_click_passes: int = 0,
     description: str = "",
     dtype: torch.dtype = torch.float32,
 ) -> Path:
@@ -114,6 +123,9 @@ def write_checkpoint(
     """
     if set(stages) != set(METHOD_STAGES[method]):
         raise ValueError(f"method {method} needs stages {METHOD_STAGES[method]}, got {sorted(stages)}")
+    if zero_click_passes and method != "2s-icr" or not 0 <= zero_click_passes <= MAX_ZERO_CLICK_PASSES:
+        raise ValueError(f"zero_click_passes must be 0-{MAX_ZERO_CLICK_PASSES}, and 0 unless the method is 2s-icr; "
+                         f"got {zero_click_passes} for {method}")
     directory.mkdir(parents=True, exist_ok=True)
     manifest_stages: dict[str, Any] = {}
     for stage, members in stages.items():
@@ -131,6 +143,7 @@ def write_checkpoint(
         "architecture": architecture.to_dict(),
         "grid": {"shape": list(grid_shape), "spacing_mm": spacing_mm},
         "click_sigma_voxels": click_sigma_voxels,
+        **({"zero_click_passes": zero_click_passes} if method == "2s-icr" else {}),
         "stages": manifest_stages,
         "description": description,
     }
@@ -186,11 +199,16 @@ def load_checkpoint(directory: Path | str, *, method: str | tuple[str, ...] | No
         shape = tuple(int(n) for n in manifest["grid"]["shape"])
         spacing = float(manifest["grid"]["spacing_mm"])
         sigma = float(manifest.get("click_sigma_voxels", DEFAULT_SIGMA_VOXELS))
+        zero_click_passes = manifest.get("zero_click_passes", 0)
         stage_entries = {stage: manifest["stages"][stage] for stage in METHOD_STAGES[found]}
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{directory / MANIFEST} lacks a valid field: {error}") from error
     if len(shape) != 3 or min(shape) < 1 or spacing <= 0:
         raise CheckpointError(f"{directory / MANIFEST} has an invalid grid {manifest['grid']}")
+    if type(zero_click_passes) is not int or not 0 <= zero_click_passes <= MAX_ZERO_CLICK_PASSES or (
+            zero_click_passes and found != "2s-icr"):
+        raise CheckpointError(f"{directory / MANIFEST}: zero_click_passes must be an integer 0-{MAX_ZERO_CLICK_PASSES} "
+                              f"(and 0 unless the method is 2s-icr), got {zero_click_passes!r}")
     stages: dict[str, list[UNet]] = {}
     for stage, entry in stage_entries.items():
         if entry.get("in_channels") != STAGE_CHANNELS[stage]:
@@ -205,6 +223,7 @@ def load_checkpoint(directory: Path | str, *, method: str | tuple[str, ...] | No
         grid_shape=(shape[0], shape[1], shape[2]),
         spacing_mm=spacing,
         click_sigma_voxels=sigma,
+        zero_click_passes=zero_click_passes,
         stages=stages,
         digest=digest,
         description=str(manifest.get("description", "")),

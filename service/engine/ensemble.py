@@ -154,10 +154,26 @@ class Engine:
         return precision_name(self.initial.autocast)
 
     def initial_probability(self, images: np.ndarray) -> np.ndarray:
-        return self.initial.probability(images)
+        return self.initial_pass(images).probability
 
     def initial_pass(self, images: np.ndarray) -> Pass:
-        return self.initial.run(images)
+        """The first mask and first memory of a window: the initial ensemble, then the checkpoint's
+        ``zero_click_passes`` refinement passes with no clicks, each on the previous one's output.
+
+        Why: the refinement ensemble is also the better segmenter; run only at the first click,
+        its cleaning of the initial ensemble's mask would land wherever that click is, and a
+        click far from the tumour would change the mask as much as one on it. Run here, the
+        user starts from that mask and a click changes what is near it.
+        """
+        first = self.initial.run(images)
+        for _ in range(self.zero_click_passes):
+            first = self.refine_pass(images, first.probability, ())
+        return first
+
+    @property
+    def zero_click_passes(self) -> int:
+        """Refinement passes in each :meth:`initial_pass` (none without a refinement stage)."""
+        return 0 if self.refinement is None else self.checkpoint.zero_click_passes
 
     def refine(
         self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None

@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from service.engine.checkpoints import CheckpointError
+from service.argtypes import int_between
+from service.engine.checkpoints import MAX_ZERO_CLICK_PASSES, CheckpointError
 from service.engine.clicks import DEFAULT_SIGMA_VOXELS
 from service.engine.networks import PAPER_ARCHITECTURE, Architecture
 from service.engine.weights_import import PAPER_GRID, ImportPlan, import_weights
@@ -48,7 +49,7 @@ def _import(args: argparse.Namespace) -> int:
     plan = ImportPlan(
         source=args.source, initial=args.initial, refinement=args.refinement, architecture=architecture,
         grid_shape=args.grid, spacing_mm=args.spacing, click_sigma_voxels=args.click_sigma,
-        description=args.description,
+        zero_click_passes=args.zero_click_passes, description=args.description,
     )
     try:
         manifest = import_weights(plan, args.out)
@@ -118,6 +119,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     imp.add_argument("--spacing", type=float, default=1.0, help="isotropic grid spacing, mm (default 1)")
     imp.add_argument("--click-sigma", type=float, default=DEFAULT_SIGMA_VOXELS,
                      help=f"click Gaussian sigma, voxels, as in training (default {DEFAULT_SIGMA_VOXELS:g})")
+    imp.add_argument("--zero-click-passes", type=int_between(0, MAX_ZERO_CLICK_PASSES), default=0,
+                     help="refinement passes with no clicks after the initial ensemble, as the members were "
+                     "trained and validated (default 0, the paper's method)")
     imp.add_argument("--description", default="", help="free text for the manifest: data, training command")
     imp.set_defaults(run=_import)
 

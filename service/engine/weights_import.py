@@ -54,6 +54,7 @@ class ImportPlan:
     grid_shape: tuple[int, int, int] = PAPER_GRID
     spacing_mm: float = 1.0
     click_sigma_voxels: float = DEFAULT_SIGMA_VOXELS
+    zero_click_passes: int = 0
     description: str = ""
 
 
@@ -286,6 +287,8 @@ def import_weights(plan: ImportPlan, out: Path) -> Path:
         raise ImportRefused(f"{out} exists and is not an empty directory; choose a new --out")
     stages = read_members(plan)
     method = "2s-icr" if "refinement" in stages else "unet"
+    if plan.zero_click_passes and method != "2s-icr":
+        raise ImportRefused("--zero-click-passes needs refinement members (--refinement)")
     description = plan.description or (
         f"imported from {plan.source.resolve()} by icr weights import "
         f"({', '.join(f'{len(m)} {s}' for s, m in stages.items())} members)"
@@ -293,5 +296,7 @@ def import_weights(plan: ImportPlan, out: Path) -> Path:
     with staged_directory(out) as staging:
         write_checkpoint(staging, stages, method=method, architecture=plan.architecture,
                           grid_shape=plan.grid_shape, spacing_mm=plan.spacing_mm,
-                          click_sigma_voxels=plan.click_sigma_voxels, description=description)
+                          click_sigma_voxels=plan.click_sigma_voxels,
+                          zero_click_passes=plan.zero_click_passes,
+                          description=description)
     return out / "manifest.json"

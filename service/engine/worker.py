@@ -292,6 +292,7 @@ class Worker:
         if run.job.kind == "initial" or not covered.all():
             first = self.engine.initial_pass(images)
             metrics.ENGINE_PASSES.labels(run.job.kind, "initial").inc()
+            metrics.ENGINE_PASSES.labels(run.job.kind, "refinement").inc(self.engine.zero_click_passes)
             memory = np.where(covered, memory, first.probability)
         if first is not None and run.job.kind == "initial":
             result_pass = first

@@ -44,7 +44,9 @@ import torch
 from monai.networks.nets import UNet
 from tqdm import tqdm
 
+from service.argtypes import int_between
 from service.engine.checkpoints import (
+    MAX_ZERO_CLICK_PASSES,
     METHOD_STAGES,
     LoadedCheckpoint,
     load_checkpoint,
@@ -142,7 +144,7 @@ def train(
     write_checkpoint(
         weights, stages, method=method, architecture=config.architecture, grid_shape=config.grid_shape,
         spacing_mm=config.spacing_mm, click_sigma_voxels=config.click_sigma_voxels, description=description,
-        dtype=getattr(torch, config.save_dtype),
+        zero_click_passes=config.zero_click_passes if method == "2s-icr" else 0, dtype=getattr(torch, config.save_dtype),
     )
     summary = {
         "method": method, "config": {**asdict(config), "architecture": config.architecture.to_dict()},
@@ -191,7 +193,8 @@ def _run(args: argparse.Namespace) -> int:
                                    ("click_loss_weight", args.click_loss),
                                    ("keep_loss_weight", args.keep_loss),
                                    ("local_target_mm", args.local_target),
-                                   ("no_op_click_chance", args.no_op_clicks))
+                                   ("no_op_click_chance", args.no_op_clicks),
+                                   ("zero_click_passes", args.zero_click_passes))
                  if v is not None}
     config = replace(config, **overrides)
     device = resolve_device(args.device)
@@ -255,6 +258,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "truth within MM of the clicks and the memory's mask beyond (default 0: the truth everywhere)")
     parser.add_argument("--no-op-clicks", type=float, help="2s-icr: chance that a training click is a no-op click "
                         "(background, far from mask and truth) instead of an error-correcting one (default 0)")
+    parser.add_argument("--zero-click-passes", type=int_between(0, MAX_ZERO_CLICK_PASSES),
+                        help="2s-icr: refinement passes with no clicks that make a session's first mask and memory "
+                        f"(0-{MAX_ZERO_CLICK_PASSES}; written into the checkpoint; default 0, the paper's method); each "
+                        "training sample starts with as many click-free interactions")
     parser.add_argument("--autocast", choices=AUTOCAST_CHOICES,
                         help="mixed-precision forward passes (default: the configuration's, off = float32 except "
                         "paper-cpu's auto; bfloat16 on CPUs with bfloat16 instructions is about 2.5x faster; "

@@ -89,6 +89,11 @@ class TrainConfig:
     # mask and the truth) instead of one correcting an error, so the net sees clicks that
     # should change nothing.
     no_op_click_chance: float = 0.0
+    # 2S-ICR: refinement passes with no clicks after the initial ensemble, which make a
+    # session's first mask and memory (written into the checkpoint; see
+    # service.engine.ensemble.Engine.initial_pass). In training, each refinement sample
+    # starts with as many click-free interactions, trained to the truth like the others.
+    zero_click_passes: int = 0
 
 
 CONFIGS = {

@@ -114,14 +114,20 @@ class StageTrainer:
     def _refinement_steps(
         self, net: UNet, initial: Sequence[UNet], images: np.ndarray, truth: np.ndarray, target: torch.Tensor
     ) -> list[Callable[[], torch.Tensor]]:
-        """1-15 interactions; each is a forward/backward on the last output (memory)."""
+        """The checkpoint's zero-click passes, then 1-15 clicked interactions; each is a
+        forward/backward on the last output (memory)."""
         first = np.mean([torch.sigmoid(self._infer(member, images))[0, 0].cpu().numpy() for member in initial], axis=0)
         state = {"previous": first.astype(np.float32)}
+        click_free = [self.config.zero_click_passes]  # interactions left before the first click
         clicks: list[Click] = []
-        interactions = int(self.rng.integers(1, self.config.max_train_clicks + 1))
+        interactions = self.config.zero_click_passes + int(self.rng.integers(1, self.config.max_train_clicks + 1))
 
         def interaction() -> torch.Tensor:
-            click = self._training_click(state["previous"] > 0.5, images, truth)
+            click = None
+            if click_free[0] > 0:
+                click_free[0] -= 1
+            else:
+                click = self._training_click(state["previous"] > 0.5, images, truth)
             if click is not None:
                 clicks.append(Click(click.label, click.voxel))
             memory = state["previous"]
@@ -182,6 +188,7 @@ class StageTrainer:
             method=self.method, architecture=self.config.architecture, grid_shape=self.config.grid_shape,
             spacing_mm=self.config.spacing_mm, click_sigma_voxels=self.config.click_sigma_voxels,
             stages=stages, digest="training", description="",
+            zero_click_passes=self.config.zero_click_passes if self.stage == "refinement" else 0,
         )
         if self.stage == "refinement":
             return Engine(checkpoint, self.device, autocast=self.config.autocast)

@@ -50,13 +50,13 @@ def _constant(channels: int, logit: float) -> torch.nn.Module:
     return unet
 
 
-def _weights(directory: Path, initial: float, refinement: float) -> Path:
+def _weights(directory: Path, initial: float, refinement: float, zero_click_passes: int = 0) -> Path:
     stages = {
         "initial": [_constant(INITIAL_CHANNELS, initial) for _ in range(5)],
         "refinement": [_constant(REFINEMENT_CHANNELS, refinement) for _ in range(5)],
     }
     write_checkpoint(directory, stages, architecture=ARCHITECTURE, grid_shape=(WINDOW,) * 3, spacing_mm=1.0,
-                     description="constant test weights")
+                     zero_click_passes=zero_click_passes, description="constant test weights")
     return directory
 
 
@@ -172,10 +172,30 @@ def test_a_click_anywhere_in_the_ct_moves_the_window_and_the_session_keeps_both(
     assert np.array_equal(_original(moving_client, sid)[:, :, 64:96], np.ones((32, 32, 32), dtype=bool))
 
 
-def _passes() -> np.ndarray:
-    """(initial, refinement) passes the engine ran for clicks so far, from its Prometheus counter."""
-    return np.array([REGISTRY.get_sample_value("icr_engine_passes_total", {"kind": "refine", "stage": stage}) or 0.0
+def _passes(kind: str = "refine") -> np.ndarray:
+    """(initial, refinement) passes the engine ran for jobs of ``kind`` so far, from its Prometheus counter."""
+    return np.array([REGISTRY.get_sample_value("icr_engine_passes_total", {"kind": kind, "stage": stage}) or 0.0
                      for stage in ("initial", "refinement")])
+
+
+def test_the_checkpoints_zero_click_passes_make_every_first_mask_and_memory(
+    tmp_path: Path, scan_files: dict[str, tuple[str, bytes]]
+) -> None:
+    # the initial stage says tumour everywhere, the refinement background everywhere; one zero-click pass
+    weights = _weights(tmp_path / "settled", 8.0, -8.0, zero_click_passes=1)
+    for client in _client(weights, border_passes=0):
+        created_before = _passes("initial")
+        body = _create(client, scan_files)
+        assert tuple(_passes("initial") - created_before) == (1, 1)
+        assert not decode_mask(body["mask"]).any()  # the first mask is the refinement's, not the initial ensemble's
+        assert body["summary"]["volume_ml"] == 0
+        # a click where no window has been: its memory is that window's first mask, made the same way
+        passes = _passes()
+        far = {"label": "background", "world_mm": [10.0, 20.0, 5.0]}
+        moved = client.post(f"/v1/sessions/{body['id']}/clicks", json={"clicks": [far]})
+        assert moved.status_code == 200, moved.text
+        assert tuple(_passes() - passes) == (1, 2)
+        assert not _original(client, body["id"]).any()
 
 
 def _ball_voxels(radius: float) -> int:

@@ -130,6 +130,42 @@ def test_missing_corrupt_and_mismatched_checkpoints_are_refused(tmp_path: Path) 
         load_checkpoint(directory)
 
 
+def test_zero_click_passes_follow_the_initial_ensemble_and_live_in_the_manifest(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    initial, refinement = build_unet(INITIAL_CHANNELS, TINY).eval(), build_unet(REFINEMENT_CHANNELS, TINY).eval()
+    stages = {"initial": [initial], "refinement": [refinement]}
+    write_checkpoint(tmp_path / "two", stages, architecture=TINY, grid_shape=(16, 16, 16), zero_click_passes=2)
+    loaded = load_checkpoint(tmp_path / "two")
+    assert loaded.zero_click_passes == 2
+    images = np.random.default_rng(0).normal(size=(2, 16, 16, 16)).astype(np.float32)
+    no_clicks = np.zeros((2, 16, 16, 16), np.float32)
+    with torch.no_grad():
+        expected = torch.sigmoid(initial(torch.from_numpy(images)[None]))[0, 0].numpy()
+        for _ in range(2):
+            inputs = np.concatenate([images, expected[None], no_clicks])
+            expected = torch.sigmoid(refinement(torch.from_numpy(inputs)[None]))[0, 0].numpy()
+    first = Engine(loaded, torch.device("cpu")).initial_pass(images)
+    np.testing.assert_allclose(first.probability, expected, atol=1e-5)
+    assert np.array_equal(first.votes, expected > 0.5)
+
+    # absent, the paper's method: the initial ensemble alone
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    del manifest["zero_click_passes"]
+    (tmp_path / "two" / "manifest.json").write_text(json.dumps(manifest))
+    plain = load_checkpoint(tmp_path / "two")
+    assert plain.zero_click_passes == 0
+    np.testing.assert_allclose(Engine(plain, torch.device("cpu")).initial_probability(images),
+                               torch.sigmoid(initial(torch.from_numpy(images)[None]))[0, 0].detach().numpy(), atol=1e-5)
+    for bad in (-1, 5, 1.0, "1", None):
+        (tmp_path / "two" / "manifest.json").write_text(json.dumps({**manifest, "zero_click_passes": bad}))
+        with pytest.raises(CheckpointError, match="zero_click_passes must be an integer 0-4"):
+            load_checkpoint(tmp_path / "two")
+    with pytest.raises(ValueError, match="zero_click_passes"):
+        write_checkpoint(tmp_path / "unet", {"initial": [initial]}, method="unet", architecture=TINY,
+                         grid_shape=(16, 16, 16), zero_click_passes=1)
+    assert not (tmp_path / "unet").exists()
+
+
 @pytest.mark.slow  # starts icr serve
 def test_service_refuses_to_start_on_bad_weights(tmp_path: Path) -> None:
     env = {"ICR_WEIGHTS": str(tmp_path / "absent"), "PATH": "/usr/bin:/bin"}

@@ -271,6 +271,27 @@ def test_exported_bundle_loads_with_monai_bundle_tooling(imported: Path, tmp_pat
                       config_file=str(bundle / "configs" / "inference.json"), device="cpu")
 
 
+def test_zero_click_passes_survive_import_export_and_the_bundles_import_command(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "settled"
+    assert weights("import", source, "--out", out, "--initial", "initial-*.pt", "--refinement", "refinement-*.pt",
+                   *TINY_ARGS, "--zero-click-passes", "1") == 0
+    assert load_engine(settings_for(out)).zero_click_passes == 1
+    bundle = tmp_path / "bundle"
+    assert weights("export", out, "--bundle", bundle) == 0
+    assert json.loads((bundle / "configs" / "inference.json").read_text())["zero_click_passes"] == 1
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert "1 refinement pass(es) with empty click maps" in readme
+    back = readme.split("```\n")[-2].strip().replace("BUNDLE", str(bundle)).replace("DIR", str(tmp_path / "back"))
+    assert main(shlex.split(back)[1:]) == 0
+    assert load_engine(settings_for(tmp_path / "back")).zero_click_passes == 1
+    with pytest.raises(SystemExit):  # argparse refuses what the manifest could not hold
+        weights("import", source, "--out", tmp_path / "bad", "--initial", "initial-*.pt", "--zero-click-passes", "9")
+    assert not (tmp_path / "bad").exists()
+    assert weights("import", source, "--out", tmp_path / "unet", "--initial", "initial-*.pt", *TINY_ARGS,
+                   "--zero-click-passes", "1") == 2  # an initial-only import has no refinement to run
+    assert not (tmp_path / "unet").exists()
+
+
 def test_export_refuses_an_existing_folder(imported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "taken").mkdir()
     assert weights("export", imported, "--bundle", tmp_path / "taken") == 2

@@ -54,3 +54,21 @@ def test_a_no_op_training_click_is_background_far_from_mask_and_truth(phantom_da
     ordinary = StageTrainer("2s-icr", "refinement", replace(config, no_op_click_chance=0.0), CPU, seed=0)
     correcting = ordinary._training_click(mask, case.images, case.truth)
     assert correcting is not None and correcting.label == "foreground" and case.truth[correcting.voxel]
+
+
+def test_zero_click_passes_open_each_refinement_sample_without_clicks(phantom_data: Path) -> None:
+    config = replace(CONFIGS["tiny"], max_train_clicks=1, p_drop=0.0, zero_click_passes=2)
+    case = load_prepared(find_cases(phantom_data)[0], config.grid_shape, config.spacing_mm)
+    torch.manual_seed(0)
+    trainer = StageTrainer("2s-icr", "refinement", config, CPU, seed=3)
+    trainer.use_initial([build_unet(INITIAL_CHANNELS, config.architecture)], [{"train": [case.id], "val": []}])
+    seen: list[torch.Tensor] = []
+    net = build_unet(STAGE_CHANNELS["refinement"], config.architecture)
+    net.register_forward_hook(lambda _module, inputs, _output: seen.append(inputs[0][0, 3:].clone()))
+    closures = trainer.steps(net, 0, [case])
+    assert len(closures) == 3  # two click-free interactions, then the one clicked (max_train_clicks=1)
+    with torch.no_grad():
+        for closure in closures:
+            closure()
+    assert [bool(maps.any()) for maps in seen] == [False, False, True]
+    assert trainer.segmenter(net, 0).checkpoint.zero_click_passes == 2  # validation runs them too
