@@ -1,6 +1,6 @@
 """Assemble a probe checkpoint: the shipped initial ensemble and chosen refinement members.
 
-Usage: ``python docs/results/assemble_probe_checkpoint.py OUT MEMBER...`` where MEMBER is
+Usage: ``python docs/results/assemble_probe_checkpoint.py OUT [--zero-click-passes N] MEMBER...`` where MEMBER is
 ``shipped:K`` (the shipped refinement member K) or a training state file
 (``RUN/state/refinement-K.pt``, whose best state is used). Float16, as the shipped weights.
 """
@@ -14,8 +14,12 @@ from service.engine.checkpoints import STAGE_CHANNELS, load_checkpoint, write_ch
 from service.engine.networks import build_unet
 
 shipped = load_checkpoint("service/weights/demo")
+specs = sys.argv[2:]
+zero_click_passes = 0
+if specs[:1] == ["--zero-click-passes"]:
+    zero_click_passes, specs = int(specs[1]), specs[2:]
 members = []
-for spec in sys.argv[2:]:
+for spec in specs:
     if spec.startswith("shipped:"):
         members.append(shipped.stages["refinement"][int(spec.split(":")[1])])
     else:
@@ -26,6 +30,7 @@ for spec in sys.argv[2:]:
         members.append(net.eval())
 write_checkpoint(Path(sys.argv[1]), {"initial": shipped.stages["initial"], "refinement": members},
                  architecture=shipped.architecture, grid_shape=shipped.grid_shape, spacing_mm=shipped.spacing_mm,
-                 click_sigma_voxels=shipped.click_sigma_voxels, description=f"probe: {' '.join(sys.argv[2:])}",
+                 click_sigma_voxels=shipped.click_sigma_voxels, zero_click_passes=zero_click_passes,
+                 description=f"probe: {' '.join(sys.argv[2:])}",
                  dtype=torch.float16)
 print(load_checkpoint(sys.argv[1]).digest)

@@ -18,9 +18,10 @@ The rules:
   refined window by window, in the order of their last click; the last window becomes
   the current one.
 - **Memory.** A window's memory is the session's probability composed over it; where
-  no earlier window reached, the initial ensemble's output on the window is used (so a
-  click that moves the window costs one initial and one refinement pass; a click in
-  the current window costs one refinement pass).
+  no earlier window reached, the window's first mask is used (the initial ensemble and the
+  checkpoint's zero-click passes, :meth:`service.engine.ensemble.Engine.initial_pass`; so
+  a click that moves the window costs one initial pass, those, and one refinement pass; a
+  click in the current window costs one refinement pass).
 - **The border rule.** When a pass's mask has voxels within ``BORDER_VOXELS`` of a face
   of its window that the CT continues beyond, the tumour may be cut there: one more
   pass runs in the window shifted by half an edge towards that face (on each axis
