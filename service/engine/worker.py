@@ -282,8 +282,8 @@ class Worker:
         return self._windows[key]
 
     def _pass(self, run: _JobRun, offset: windows.Offset, *, name: str, under: WindowRef | None = None) -> WindowRef:
-        """One pass in the window at ``offset``: its memory composed from the session (the initial
-        ensemble and its zero-click passes where no window reached yet), the clicks it holds, the guarantee; recorded in the canvas."""
+        """One pass in the window at ``offset``: its memory composed from the session (the window's
+        first mask where no window reached yet), the clicks it holds, the guarantee; recorded in the canvas."""
         grid = run.lattice.window(offset)
         images = self._window_images(run.job.session_id, grid, offset)
         memory, covered = run.canvas.compose(offset, grid.shape)
