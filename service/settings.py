@@ -41,8 +41,8 @@ class Settings(BaseSettings):
     )
     honour_clicks: bool = Field(
         True,
-        description="The click guarantee: every click's label is set in a small ball around it before the "
-        "mask is made and the probability stored (service/engine/guarantee.py). Off only for research.",
+        description="The click guarantee: every click's label is set at its clicked voxel before the mask is "
+        "made and the probability stored (service/engine/guarantee.py). Off only for research.",
     )
     border_passes: int = Field(
         1,

@@ -68,7 +68,7 @@ class Uncertainty:
 
 
 def votes_after_clicks(votes: np.ndarray, members: int, clicks: Sequence[Click], radius_voxels: float) -> np.ndarray:
-    """The votes where the click guarantee set the mask: all members agree inside every click's ball."""
+    """The votes where the click guarantee set the mask: all members agree at every clicked voxel."""
     agreed = honour_clicks(votes.astype(np.float32) / members, clicks, radius_voxels)
     return np.rint(agreed * members).astype(np.uint8)
 

@@ -108,7 +108,7 @@ def border_shift(mask: np.ndarray, offset: Offset, extent: Extent) -> Offset | N
 
 
 def local_clicks(clicks: Sequence[Click], offset: Offset) -> list[Click]:
-    """``clicks`` in the window's own voxel indices (those outside it too: the guarantee clips their balls)."""
+    """``clicks`` in the window's own voxel indices (those outside it too: the guarantee skips them)."""
     return [Click(c.label, (c.voxel[0] - offset[0], c.voxel[1] - offset[1], c.voxel[2] - offset[2])) for c in clicks]
 
 

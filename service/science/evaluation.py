@@ -51,7 +51,7 @@ from service.argtypes import non_negative_int, positive_int
 from service.engine.checkpoints import CheckpointError, load_checkpoint
 from service.engine.ensemble import resolve_device
 from service.engine.fastpath import AUTOCAST_CHOICES, autocast_dtype, precision_name
-from service.engine.guarantee import HONOUR_RADIUS_MM, honour_radius_voxels
+from service.engine.guarantee import honour_radius_voxels, honour_rule
 from service.imaging.grid import WorkingGrid
 from service.imaging.volume import ImageError
 from service.science.dataset import (
@@ -500,7 +500,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> a
     parser.add_argument(
         "--guarantee", choices=GUARANTEE_CHOICES, default="both",
         help="each checkpoint as the model alone (off), behind the service's click guarantee (on, label "
-        f"+ '{GUARANTEE_SUFFIX}', ball of {HONOUR_RADIUS_MM:g} mm around each click), or both (default)",
+        f"+ '{GUARANTEE_SUFFIX}', each click's label set {honour_rule()}), or both (default)",
     )
     parser.add_argument(
         "--baseline", choices=[*BASELINES, "none"], action="append", default=None,

@@ -51,7 +51,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from service.engine.guarantee import HONOUR_RADIUS_MM, MIN_RADIUS_VOXELS
+from service.engine.guarantee import honour_rule
 from service.science.metrics import (
     PAPER_DSC_THRESHOLDS,
     PAPER_HD95_THRESHOLDS_MM,
@@ -106,8 +106,7 @@ class EvaluationConfig:
             "dsc_thresholds": list(PAPER_DSC_THRESHOLDS),
             "hd95_thresholds_mm": list(PAPER_HD95_THRESHOLDS_MM),
             "guarantee": self.guarantee,
-            "guarantee_rule": (f"service click guarantee: probability set to each click's label in a ball of "
-                               f"{HONOUR_RADIUS_MM:g} mm (at least {MIN_RADIUS_VOXELS:g} voxels) around it, "
+            "guarantee_rule": (f"service click guarantee: probability set to each click's label {honour_rule()}, "
                                "after every pass, before thresholding and before it becomes the next memory"),
             "local_effect_radius_mm": LOCAL_EFFECT_RADIUS_MM,
             "no_op_rule": (f"one background click per case after the initial mask: of the voxels above "

@@ -144,10 +144,10 @@ def test_a_click_anywhere_in_the_ct_moves_the_window_and_the_session_keeps_both(
     assert mask[10, 20, 5]  # the click's voxel, in the window's own indices
     original = _original(moving_client, sid)
     assert original[10, 20, 5]
-    # the refinement said background everywhere in the new window but for the guarantee's ball;
+    # the refinement said background everywhere in the new window but at the clicked voxel;
     # the first window (z 64..95) keeps its mask
     assert original[:, :, 64:96].all()
-    assert int(original[:, :, :32].sum()) == int(mask.sum()) == _ball_voxels(3.0)  # the guarantee's 3 mm ball
+    assert int(original[:, :, :32].sum()) == int(mask.sum()) == 1  # the clicked voxel, which the guarantee sets
     assert not original[:, :, 32:64].any()
     assert result["summary"]["voxels"] == int(original.sum())
     # a probability and a working-space mask on the current window
@@ -164,7 +164,7 @@ def test_a_click_anywhere_in_the_ct_moves_the_window_and_the_session_keeps_both(
     assert tuple(_passes() - passes) == (0, 1)  # a window the session holds: one refinement pass
     assert back.json()["window"]["offset"] == [0, 0, 0] and back.json()["window"]["windows"] == 2
     original = _original(moving_client, sid)
-    assert int(original.sum()) == int(original[:, :, :32].sum()) == _ball_voxels(3.0) and original[10, 20, 5]
+    assert int(original.sum()) == int(original[:, :, :32].sum()) == 1 and original[10, 20, 5]
 
     # undo restores the two-window state of the first click exactly
     undone = moving_client.post(f"/v1/sessions/{sid}/undo")
@@ -196,12 +196,6 @@ def test_the_checkpoints_zero_click_passes_make_every_first_mask_and_memory(
         assert moved.status_code == 200, moved.text
         assert tuple(_passes() - passes) == (1, 2)
         assert not _original(client, body["id"]).any()
-
-
-def _ball_voxels(radius: float) -> int:
-    reach = int(radius)
-    offsets = np.mgrid[-reach : reach + 1, -reach : reach + 1, -reach : reach + 1]
-    return int(((offsets**2).sum(axis=0) <= radius**2).sum())
 
 
 def test_a_click_or_centre_outside_the_ct_is_refused_with_its_extent(
