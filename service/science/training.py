@@ -44,7 +44,7 @@ import torch
 from monai.networks.nets import UNet
 from tqdm import tqdm
 
-from service.argtypes import int_between
+from service.argtypes import int_between, non_negative_float
 from service.engine.checkpoints import (
     MAX_ZERO_CLICK_PASSES,
     METHOD_STAGES,
@@ -179,10 +179,8 @@ def _checkpoint_members(directory: Path, config: TrainConfig, folds: int, stage:
 
 
 # -- command line ---------------------------------------------------------------------
-def _run(args: argparse.Namespace) -> int:
-    import shlex
-    import sys
-
+def config_from_arguments(args: argparse.Namespace) -> TrainConfig:
+    """The named configuration with the fields that ``icr train``'s options set."""
     config = CONFIGS[args.config]
     overrides = {k: v for k, v in (("base_steps", args.base_steps), ("member_steps", args.steps),
                                    ("p_drop", args.p_drop), ("folds", args.folds), ("budget", args.budget),
@@ -191,12 +189,20 @@ def _run(args: argparse.Namespace) -> int:
                                     else args.refinement_from == "initial"),
                                    ("refinement_memory", args.memory_from),
                                    ("click_loss_weight", args.click_loss),
+                                   ("click_loss_radius_voxels", args.click_loss_radius),
                                    ("keep_loss_weight", args.keep_loss),
                                    ("local_target_mm", args.local_target),
                                    ("no_op_click_chance", args.no_op_clicks),
                                    ("zero_click_passes", args.zero_click_passes))
                  if v is not None}
-    config = replace(config, **overrides)
+    return replace(config, **overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    config = config_from_arguments(args)
     device = resolve_device(args.device)
     try:  # refuse a dtype the device lacks before preparing any case
         autocast_dtype(config.autocast, device)
@@ -252,6 +258,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "that finds all members finished writes the checkpoint; a shared warm start must be done first)")
     parser.add_argument("--click-loss", type=float, help="2s-icr: weight of the BCE over the click balls added to "
                         "Dice + BCE (default 0: none)")
+    parser.add_argument("--click-loss-radius", type=non_negative_float, metavar="VOXELS",
+                        help="2s-icr: radius of the click balls of --click-loss, in voxels of the training grid "
+                        "(default 3; 0: the clicked voxel alone)")
     parser.add_argument("--keep-loss", type=float, help="2s-icr: weight of the BCE pulling the output towards the "
                         "memory's mask farther than 20 mm from every click (default 0: none)")
     parser.add_argument("--local-target", type=float, metavar="MM", help="2s-icr: train each interaction towards the "

@@ -262,6 +262,25 @@ def test_click_balls_cover_the_voxels_near_each_click() -> None:
     assert corner.sum() == 2 * 4  # each ball cut by the volume's faces
 
 
+def test_train_options_set_the_click_loss_and_its_radius() -> None:
+    import argparse
+
+    from service.science.training import config_from_arguments, register
+    from service.science.training_samples import click_balls
+    from service.store.contract import Click
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    required = ["train", "--method", "2s-icr", "--data", "d", "--out", "o"]
+    config = config_from_arguments(parser.parse_args([*required, "--click-loss", "10", "--click-loss-radius", "0"]))
+    assert (config.click_loss_weight, config.click_loss_radius_voxels) == (10.0, 0.0)
+    assert config_from_arguments(parser.parse_args(required)) == CONFIGS["reduced"]  # no option, no override
+    assert click_balls([Click("background", (2, 3, 4))], (6, 6, 6), 0.0).sum() == 1  # radius 0: the clicked voxel
+    for bad in ("-1", "nan"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*required, "--click-loss-radius", bad])
+
+
 def test_the_click_loss_adds_the_bce_at_the_click_balls(phantom_data: Path) -> None:
     config = replace(CONFIGS["tiny"], max_train_clicks=3)
     case = load_prepared(find_cases(phantom_data)[0], config.grid_shape, config.spacing_mm)
