@@ -32,7 +32,7 @@ from service.engine.checkpoints import load_checkpoint
 from service.engine.ensemble import Engine
 from service.science.dataset import find_cases, load_prepared
 from service.science.evaluation import repetition_rng
-from service.science.metrics import dice
+from service.science.metrics import clicks_honoured, dice
 from service.science.simulator import next_click
 from service.store.contract import Click
 
@@ -68,20 +68,17 @@ def probe(weights: Path, data: Path, cache: Path | None, clicks: int, repetition
                 probability = refined.probability
                 mask = probability > 0.5
                 dsc[index, repetition, k:] = dice(mask, case.truth)
-                for click in made:
-                    kept = bool(mask[tuple(click.voxel)]) == (click.label == "foreground")
+                for click, kept in zip(made, clicks_honoured(mask, made)):
                     honoured[click.label][k] += (kept, 1)
                     foreground_votes = int(refined.votes[tuple(click.voxel)])
                     agreeing = foreground_votes if click.label == "foreground" else members - foreground_votes
                     votes[click.label][int(kept), agreeing] += 1
                     edge_mm[click.label][int(kept)].append(float(to_edge[click.label][tuple(click.voxel)]))
-                last = made[-1]
-                newest[last.label] += (bool(mask[tuple(last.voxel)]) == (last.label == "foreground"), 1)
+                newest[made[-1].label] += (clicks_honoured(mask, made[-1:])[0], 1)
             sessions.append({
                 "case": case.id, "repetition": repetition, "labels": "".join(c.label[0] for c in made),
                 "edge_mm": [round(float(to_edge[c.label][tuple(c.voxel)]), 1) for c in made],
-                "honoured_at_end": "".join("+" if bool(mask[tuple(c.voxel)]) == (c.label == "foreground") else "-"
-                                           for c in made),
+                "honoured_at_end": "".join("+" if kept else "-" for kept in clicks_honoured(mask, made)),
             })
     mean = dsc.mean(axis=(0, 1))
     rate = {s: [round(float(h / n), 3) if n else None for h, n in table] for s, table in honoured.items()}

@@ -33,8 +33,9 @@ def distant_blobs(mask: np.ndarray, truth: np.ndarray, spacing_mm: float, beyond
     """False-positive components of ``mask`` that touch no truth voxel and reach beyond ``beyond_mm`` of it."""
     far = ndimage.distance_transform_edt(~truth, sampling=spacing_mm) > beyond_mm
     labels, count = ndimage.label(mask)
-    return sum(1 for i in range(1, count + 1)
-               if not (truth & (labels == i)).any() and int((far & (labels == i)).sum()) >= min_voxels)
+    far_voxels = np.bincount(labels[far], minlength=count + 1)  # per component, label 0 is the background
+    touching = np.unique(labels[truth])
+    return sum(1 for i in range(1, count + 1) if i not in touching and far_voxels[i] >= min_voxels)
 
 
 def main() -> None:
