@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from service.engine.checkpoints import load_checkpoint
 from service.engine.clicks import click_maps
+from service.engine.ensemble import Ensemble
 from service.science.dataset import find_cases, load_prepared, read_folds
 
 
@@ -49,8 +50,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     checkpoint = load_checkpoint(args.weights, method=None)
-    nets = [member.float().eval() for member in checkpoint.stages["initial"]]
-    refiners = [member.float().eval() for member in checkpoint.stages["refinement"]]
+    cpu = torch.device("cpu")
+    initial = [Ensemble([member], cpu) for member in checkpoint.stages["initial"]]
+    refinement = [Ensemble([member], cpu) for member in checkpoint.stages["refinement"]]
     folds = read_folds(args.folds)
     cases = {case.id: case for case in find_cases(args.data)}
     counts = {kind: {"cases": 0, "blobs": 0, "cases_after_zero_click_passes": 0, "blobs_after_zero_click_passes": 0}
@@ -58,18 +60,14 @@ def main() -> None:
     for fold, split in enumerate(folds):
         for case_id in split["val"]:
             case = load_prepared(cases[case_id], checkpoint.grid_shape, checkpoint.spacing_mm, args.cache)
-            images = torch.from_numpy(case.images)[None]
-            no_clicks = torch.from_numpy(click_maps((), case.truth.shape, checkpoint.click_sigma_voxels))[None]
+            no_clicks = click_maps((), case.truth.shape, checkpoint.click_sigma_voxels)
             # the held-out member never trained on the case; any other fold's member did
             for kind, member in (("held-out", fold), ("own", (fold + 1) % len(folds))):
-                with torch.inference_mode():
-                    memory = torch.sigmoid(nets[member](images))
-                    first = distant_blobs((memory[0, 0] > 0.5).numpy(), case.truth, checkpoint.spacing_mm,
-                                          args.beyond_mm, args.min_voxels)
-                    for _ in range(checkpoint.zero_click_passes):  # the fold's refinement member, as in training
-                        memory = torch.sigmoid(refiners[member](torch.cat([images, memory, no_clicks], dim=1)))
-                later = distant_blobs((memory[0, 0] > 0.5).numpy(), case.truth, checkpoint.spacing_mm,
-                                      args.beyond_mm, args.min_voxels)
+                memory = initial[member].probability(case.images)
+                first = distant_blobs(memory > 0.5, case.truth, checkpoint.spacing_mm, args.beyond_mm, args.min_voxels)
+                for _ in range(checkpoint.zero_click_passes):  # the fold's refinement member, as in training
+                    memory = refinement[member].probability(np.concatenate([case.images, memory[None], no_clicks]))
+                later = distant_blobs(memory > 0.5, case.truth, checkpoint.spacing_mm, args.beyond_mm, args.min_voxels)
                 for key, blobs in (("", first), ("_after_zero_click_passes", later)):
                     counts[kind][f"cases{key}"] += int(blobs > 0)
                     counts[kind][f"blobs{key}"] += blobs
