@@ -83,12 +83,15 @@ def train(
     command: str = "",
     initial_from: Path | None = None,
     refinement_from_checkpoint: Path | None = None,
+    peers_from: Path | None = None,
     only_members: list[int] | None = None,
 ) -> Path | None:
     """Train every stage of ``method``; writes ``out_dir/weights`` (checkpoint) and ``training.json``.
 
     ``only_members``: train just those folds' members; the checkpoint is written (and
-    returned) by the process that finds every member finished, else None.
+    returned) by the process that finds every member finished, else None. ``peers_from``
+    (2s-icr): each refinement member trains inside an ensemble of itself and that checkpoint's
+    other folds' refinement members (frozen), whose mean output is every interaction's memory.
     """
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +124,11 @@ def train(
         if method != "2s-icr":
             raise ValueError(f"--continue-refinement needs the 2s-icr method, not {method}")
         continued["refinement"] = _checkpoint_members(refinement_from_checkpoint, config, len(folds), "refinement")
+    peers = None
+    if peers_from is not None:
+        if method != "2s-icr":
+            raise ValueError(f"--peers needs the 2s-icr method, not {method}")
+        peers = _checkpoint_members(peers_from, config, len(folds), "refinement")
     for stage in order:
         if stage in stages:
             continue
@@ -128,13 +136,16 @@ def train(
             stages[stage], reports[stage] = train_stage(
                 method, stage, config, folds, prepared, device, seed, state_dir,
                 initial_members=stages.get("initial") if stage != "initial" else None,
-                starting_members=continued.get(stage), only_members=only_members,
+                starting_members=continued.get(stage), peer_members=peers if stage == "refinement" else None,
+                only_members=only_members,
             )
         except UnfinishedMembers as unfinished:
             log.info("%s; the run that finishes them writes the checkpoint", unfinished)
             return None
         if stage in continued:
             reports[stage].insert(0, {"continued_from": str(refinement_from_checkpoint)})
+        if stage == "refinement" and peers_from is not None:
+            reports[stage].insert(0, {"peers_from": str(peers_from)})
     stages = {stage: stages[stage] for stage in METHOD_STAGES[method]}
     description = (
         f"{method}, '{config.name}' configuration, {len(ids)} training cases from {data_dir.name}, "
@@ -219,6 +230,7 @@ def _run(args: argparse.Namespace) -> int:
         command=shlex.join(["icr", *sys.argv[1:]]),
         initial_from=Path(args.initial_from) if args.initial_from else None,
         refinement_from_checkpoint=Path(args.continue_refinement) if args.continue_refinement else None,
+        peers_from=Path(args.peers) if args.peers else None,
         only_members=args.members,
     )
     print("members trained; others still training" if weights is None else f"checkpoint written to {weights}")
@@ -253,6 +265,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "(frozen), deepgrow/deepedit start from it (reduced configuration)")
     parser.add_argument("--continue-refinement", help="2s-icr: start each fold's refinement member from this checkpoint's "
                         "member of the same fold (continued training, no shared warm start)")
+    parser.add_argument("--peers", metavar="CHECKPOINT",
+                        help="2s-icr: train each refinement member inside an ensemble: after every interaction the "
+                        "memory (whose mask the next simulated click corrects) is the mean of the member's output and "
+                        "those of this checkpoint's other folds' refinement members, as the ensemble's memory at test "
+                        "time; validation runs that ensemble too")
     parser.add_argument("--members", type=lambda text: [int(i) for i in text.split(",")],
                         help="train only these folds' members, e.g. 0,2 (several processes on one --out; the one "
                         "that finds all members finished writes the checkpoint; a shared warm start must be done first)")

@@ -176,15 +176,19 @@ def train_stage(
     state_dir: Path,
     initial_members: list[UNet] | None = None,
     starting_members: list[UNet] | None = None,
+    peer_members: list[UNet] | None = None,
     only_members: Sequence[int] | None = None,
 ) -> tuple[list[UNet], list[dict]]:
     """Train one member per fold; ``starting_members`` (one per fold): continue training those
-    instead of a shared warm start. ``only_members``: train just these folds' members (others
+    instead of a shared warm start. ``peer_members`` (one per fold, refinement only): each member
+    trains and validates inside an ensemble of itself and the other folds' peers. ``only_members``: train just these folds' members (others
     may be trained by other processes on the same state folder); raises
     :class:`UnfinishedMembers` when a member left to others has not finished yet."""
     trainer = StageTrainer(method, stage, config, device, seed)
     if initial_members is not None:
         trainer.use_initial(initial_members, folds)
+    if peer_members is not None:
+        trainer.use_peers(peer_members)
     every = sorted({i for fold in folds for i in fold["train"] + fold["val"]})
     torch.manual_seed(seed)
     start = starting_net(stage, config, initial_members)

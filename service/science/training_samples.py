@@ -68,6 +68,7 @@ class StageTrainer:
         self.loss = _loss()
         self.initial_nets: dict[int, UNet] = {}  # frozen initial member per fold (2S-ICR refinement)
         self.held_out_by: dict[str, int] = {}  # case id -> the fold that validates on it
+        self.peer_nets: list[UNet] = []  # frozen refinement members, one per fold, that each member trains beside
         self.precision = autocast_dtype(config.autocast, device)
         if config.refinement_memory not in MEMORY_SOURCES:
             raise ValueError(f"refinement memory comes from one of {', '.join(MEMORY_SOURCES)}, "
@@ -94,13 +95,22 @@ class StageTrainer:
         if self.stage == "initial":
             return [lambda: self.loss(net(_tensor(images, self.device)), target)]
         if self.stage == "refinement":
-            return self._refinement_steps(net, self.memory_nets(case_id, fold), images, truth, target)
+            return self._refinement_steps(net, self.memory_nets(case_id, fold), self.peers(fold), images, truth, target)
         return [self._click_guided_step(net, images, truth, target)]
 
     def use_initial(self, members: Sequence[UNet], folds: Sequence[dict[str, list[str]]]) -> None:
         """The frozen initial ensemble (one member per fold) that refinement samples start from."""
         self.initial_nets = {f: net.to(self.device).eval() for f, net in enumerate(members)}
         self.held_out_by = {case_id: f for f, fold in enumerate(folds) for case_id in fold["val"]}
+
+    def use_peers(self, members: Sequence[UNet]) -> None:
+        """Frozen refinement members (one per fold): each member trains inside an ensemble of itself and
+        the other folds' peers, whose mean output is every interaction's memory, as at test time."""
+        self.peer_nets = [net.to(self.device).eval() for net in members]
+
+    def peers(self, fold: int) -> list[UNet]:
+        """The peers that member ``fold`` trains beside: every fold's but its own."""
+        return [net for f, net in enumerate(self.peer_nets) if f != fold]
 
     def memory_nets(self, case_id: str, fold: int) -> list[UNet]:
         """The frozen initial members whose mean output is a refinement sample's first memory: the fold's
@@ -112,10 +122,13 @@ class StageTrainer:
         return [self.initial_nets[fold]]
 
     def _refinement_steps(
-        self, net: UNet, initial: Sequence[UNet], images: np.ndarray, truth: np.ndarray, target: torch.Tensor
+        self, net: UNet, initial: Sequence[UNet], peers: Sequence[UNet], images: np.ndarray, truth: np.ndarray,
+        target: torch.Tensor,
     ) -> list[Callable[[], torch.Tensor]]:
         """The checkpoint's zero-click passes, then 1-15 clicked interactions; each is a
-        forward/backward on the last output (memory)."""
+        forward/backward on the last output (memory): the member's own, or with ``peers`` the
+        mean of the member's and theirs on the same inputs (the ensemble's, whose mask the
+        next click corrects)."""
         first = np.mean([torch.sigmoid(self._infer(member, images))[0, 0].cpu().numpy() for member in initial], axis=0)
         state = {"previous": first.astype(np.float32)}
         click_free = [self.config.zero_click_passes]  # interactions left before the first click
@@ -135,8 +148,10 @@ class StageTrainer:
             if dropped:  # mask dropout: no memory this time
                 memory = np.full_like(memory, 0.5)
             maps = click_maps(clicks, truth.shape, self.config.click_sigma_voxels)
-            logits = net(_tensor(np.concatenate([images, memory[None], maps]), self.device))
-            state["previous"] = torch.sigmoid(logits.detach().float())[0, 0].cpu().numpy()
+            inputs = np.concatenate([images, memory[None], maps])
+            logits = net(_tensor(inputs, self.device))
+            outputs = [torch.sigmoid(logits.detach().float())] + [torch.sigmoid(self._infer(p, inputs)) for p in peers]
+            state["previous"] = torch.stack(outputs).mean(dim=0)[0, 0].cpu().numpy()
             wanted = target
             if self.config.local_target_mm > 0 and not dropped:
                 near = click_balls(clicks, truth.shape, self.config.local_target_mm / self.config.spacing_mm)
@@ -184,6 +199,7 @@ class StageTrainer:
         stages = {"initial": [net]} if self.stage == "initial" else {self.stage: [net]}
         if self.stage == "refinement":
             stages["initial"] = [self.initial_nets[fold]]
+            stages["refinement"] = [net, *self.peers(fold)]
         checkpoint = LoadedCheckpoint(
             method=self.method, architecture=self.config.architecture, grid_shape=self.config.grid_shape,
             spacing_mm=self.config.spacing_mm, click_sigma_voxels=self.config.click_sigma_voxels,

@@ -329,3 +329,41 @@ def test_refinement_training_can_continue_from_a_checkpoint(
     assert reports["initial"][0]["reused_from"] == str(first)
     with pytest.raises(ValueError, match="2s-icr"):
         train("deepgrow", phantom_data, tmp_path / "dg", config, device=CPU, refinement_from_checkpoint=first)
+
+
+class _Recording(torch.nn.Module):
+    """A net that records each pass's memory input and output probability."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.memories, self.outputs = net, [], []
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        logits = self.net(inputs)
+        self.memories.append(inputs[0, INITIAL_CHANNELS].detach().clone())
+        self.outputs.append(torch.sigmoid(logits.detach().float())[0, 0])
+        return logits
+
+
+def test_with_peers_each_interaction_remembers_the_mean_of_the_member_and_the_other_folds_peers(
+    phantom_data: Path,
+) -> None:
+    config = replace(CONFIGS["tiny"], max_train_clicks=3, p_drop=0.0, zero_click_passes=1)  # >= 2 interactions
+    case = load_prepared(find_cases(phantom_data)[0], config.grid_shape, config.spacing_mm)
+    torch.manual_seed(0)
+    peers = [build_unet(STAGE_CHANNELS["refinement"], config.architecture) for _ in range(3)]
+    for peer, prior in zip(peers, (0.5, 1e-6, 0.9)):  # constant outputs: 0.5 (its own fold's), ~0, 0.9
+        for parameter in peer.parameters():
+            torch.nn.init.zeros_(parameter)
+        [m for m in peer.modules() if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d)][-1].bias.data.fill_(
+            float(np.log(prior / (1 - prior))))
+    trainer = StageTrainer("2s-icr", "refinement", config, CPU, seed=3)
+    trainer.use_initial([build_unet(INITIAL_CHANNELS, config.architecture)] * 3,
+                        [{"train": [case.id], "val": []}] * 3)
+    trainer.use_peers(peers)
+    assert trainer.peers(0) == [peers[1], peers[2]]
+    net = _Recording(build_unet(STAGE_CHANNELS["refinement"], config.architecture))
+    for closure in trainer.steps(net, 0, [case])[:2]:
+        closure()
+    expected = (net.outputs[0] + 1e-6 + 0.9) / 3  # its own output and fold 1's and 2's peers', not fold 0's
+    torch.testing.assert_close(net.memories[1], expected, atol=1e-5, rtol=0)
