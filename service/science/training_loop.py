@@ -180,10 +180,11 @@ def train_stage(
     only_members: Sequence[int] | None = None,
 ) -> tuple[list[UNet], list[dict]]:
     """Train one member per fold; ``starting_members`` (one per fold): continue training those
-    instead of a shared warm start. ``peer_members`` (one per fold, refinement only): each member
-    trains and validates inside an ensemble of itself and the other folds' peers. ``only_members``: train just these folds' members (others
-    may be trained by other processes on the same state folder); raises
-    :class:`UnfinishedMembers` when a member left to others has not finished yet."""
+    instead of a shared warm start. ``peer_members`` (one per fold, refinement only): each
+    member trains and validates inside an ensemble of itself and the other folds' peers.
+    ``only_members``: train just these folds' members (others may be trained by other
+    processes on the same state folder); raises :class:`UnfinishedMembers` when a member left
+    to others has not finished yet."""
     trainer = StageTrainer(method, stage, config, device, seed)
     if initial_members is not None:
         trainer.use_initial(initial_members, folds)

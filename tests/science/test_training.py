@@ -367,3 +367,5 @@ def test_with_peers_each_interaction_remembers_the_mean_of_the_member_and_the_ot
         closure()
     expected = (net.outputs[0] + 1e-6 + 0.9) / 3  # its own output and fold 1's and 2's peers', not fold 0's
     torch.testing.assert_close(net.memories[1], expected, atol=1e-5, rtol=0)
+    # validation runs the same ensemble
+    assert trainer.segmenter(net.net, 0).checkpoint.stages["refinement"] == [net.net, peers[1], peers[2]]
