@@ -28,6 +28,13 @@ The rules:
   that touches; where both faces of an axis touch, towards the face with more mask
   voxels), with at most ``border_passes`` such passes per job. The extension is kept
   *under* the window it extends, so the window the user's click chose stays on top.
+- **New territory.** A click asks for the tumour where it is, not for more elsewhere: when
+  a click job's pass reaches territory that no earlier window covered, the mask
+  components of its output that reach into that territory, overlap none of the session's
+  mask so far in the window and hold no foreground click are tumour nobody asked for (a
+  hot node or an uptake the first window left out), and get probability 0
+  (:func:`unasked_tumour`). A foreground click there keeps its component; a tumour that
+  continues across the old window's border overlaps the mask there and is kept.
 - **Stitching.** A version lists its windows in order (:class:`WindowRef`); the
   session's probability at a voxel is that of the last window holding it. A window
   computed again replaces its earlier entry; a version stores only the windows it
@@ -39,6 +46,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from service.store.contract import Click, Extent, WindowRef
 
@@ -105,6 +113,24 @@ def border_shift(mask: np.ndarray, offset: Offset, extent: Extent) -> Offset | N
     centre = [m + (n - 1) / 2 for m, n in zip(moved, shape)]
     target = place(centre, shape, extent)
     return None if target == tuple(offset) else target
+
+
+def unasked_tumour(mask: np.ndarray, shown: np.ndarray, new_territory: np.ndarray,
+                   clicks: Sequence[Click]) -> np.ndarray:
+    """The voxels of ``mask``'s components (26-connected) that reach into ``new_territory``, overlap
+    no voxel of ``shown`` (the session's mask so far) and hold no foreground click of ``clicks``
+    (window-local): the new-territory rule of the module doc."""
+    regions, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0 or not new_territory.any():
+        return np.zeros(mask.shape, dtype=bool)
+    unasked = np.zeros(count + 1, dtype=bool)
+    unasked[np.unique(regions[new_territory])] = True
+    unasked[np.unique(regions[shown])] = False
+    for click in inside(clicks, mask.shape):
+        if click.label == "foreground":
+            unasked[regions[tuple(click.voxel)]] = False
+    unasked[0] = False
+    return unasked[regions]
 
 
 def local_clicks(clicks: Sequence[Click], offset: Offset) -> list[Click]:

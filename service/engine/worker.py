@@ -9,7 +9,8 @@ job is taken over by another. A store outage never kills the worker: it waits wi
 backoff and carries on, re-registering its heartbeat when the store is back.
 
 A job runs its passes in the session's working windows (:mod:`service.engine.windows`:
-which window a click uses, the memory where no window reached yet, the border rule)
+which window a click uses, the memory where no window reached yet, the border rule, no
+tumour nobody asked for in new territory)
 and stores only the windows it computed. The click guarantee
 (:mod:`service.engine.guarantee`) is applied to every pass before its probability is
 stored, unless ``honour_clicks`` is off (research and evaluation).
@@ -287,6 +288,7 @@ class Worker:
         grid = run.lattice.window(offset)
         images = self._window_images(run.job.session_id, grid, offset)
         memory, covered = run.canvas.compose(offset, grid.shape)
+        masked = covered & (memory > 0.5)  # the session's mask so far in this window
         clicks = windows.local_clicks(run.clicks, offset)
         first = None
         if run.job.kind == "initial" or not covered.all():
@@ -306,6 +308,10 @@ class Worker:
             radius = honour_radius_voxels(run.lattice.spacing_mm)
             probability = honour_clicks(probability, clicks, radius)
             votes = votes_after_clicks(votes, result_pass.members, clicks, radius)
+        if run.job.kind != "initial":
+            unasked = windows.unasked_tumour(probability > 0.5, masked, ~covered, clicks)
+            probability = np.where(unasked, np.float32(0.0), probability)
+            votes = np.where(unasked, 0, votes).astype(votes.dtype)
         blob, stored = stored_probability(probability)
         ref = WindowRef(offset, run.version, name)
         run.canvas.add(ref, stored, under=under)

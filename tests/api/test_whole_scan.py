@@ -172,6 +172,47 @@ def test_a_click_anywhere_in_the_ct_moves_the_window_and_the_session_keeps_both(
     assert np.array_equal(_original(moving_client, sid)[:, :, 64:96], np.ones((32, 32, 32), dtype=bool))
 
 
+@pytest.fixture(scope="module")
+def still_client(all_tumour: Path) -> Iterator[TestClient]:
+    yield from _client(all_tumour, border_passes=0)
+
+
+def _click(client: TestClient, session_id: str, label: str, ct_z_mm: float) -> dict:
+    answer = client.post(f"/v1/sessions/{session_id}/clicks",
+                         json={"clicks": [{"label": label, "world_mm": [10.0, 20.0, ct_z_mm]}]})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_a_click_in_new_territory_adds_no_tumour_that_nobody_asked_for(
+    still_client: TestClient, scan_files: dict[str, tuple[str, bytes]]
+) -> None:
+    # the networks say tumour everywhere; the first window (CT z 64..95) is all tumour
+    sid = _create(still_client, scan_files)["id"]
+    # a background click 59 mm below it: its new window (z 0..31) is all tumour to the networks, touches none
+    # of the session's mask and holds no foreground click: none of it is added
+    far = _click(still_client, sid, "background", 5.0)
+    assert far["window"]["offset"] == [0, 0, -64] and not decode_mask(far["mask"]).any()
+    original = _original(still_client, sid)
+    assert original[:, :, 64:96].all() and not original[:, :, :64].any()
+    assert far["summary"]["voxels"] == 32**3
+    # a foreground click between the two asks for the tumour it is in: its new window (z 30..61) is added,
+    # also where it overlaps the last window (z 30, 31), which the networks now call tumour as well
+    asked = _click(still_client, sid, "foreground", 45.0)
+    assert asked["window"]["offset"] == [0, 0, -34] and decode_mask(asked["mask"]).all()
+    original = _original(still_client, sid)
+    assert original[:, :, 30:62].all() and original[:, :, 64:96].all()
+    assert not original[:, :, :30].any() and not original[:, :, 62:64].any()  # z 62, 63: no window reaches
+
+    # in a new session, a background click whose new window overlaps the first window's mask: the tumour
+    # continues there, so the networks' mask is kept (the clicked voxel aside, which the guarantee sets)
+    sid = _create(still_client, scan_files)["id"]
+    near = _click(still_client, sid, "background", 50.0)
+    assert near["window"]["offset"] == [0, 0, -29]
+    assert int(decode_mask(near["mask"]).sum()) == 32**3 - 1
+    assert int(_original(still_client, sid).sum()) == 32 * 32 * (96 - 35) - 1
+
+
 def _passes(kind: str = "refine") -> np.ndarray:
     """(initial, refinement) passes the engine ran for jobs of ``kind`` so far, from its Prometheus counter."""
     return np.array([REGISTRY.get_sample_value("icr_engine_passes_total", {"kind": kind, "stage": stage}) or 0.0
