@@ -10,7 +10,7 @@ backoff and carries on, re-registering its heartbeat when the store is back.
 
 A job runs its passes in the session's working windows (:mod:`service.engine.windows`:
 which window a click uses, the memory where no window reached yet, the border rule, no
-tumour nobody asked for in new territory)
+tumour nobody asked for in new territory, a moved window changing only what is near its clicks)
 and stores only the windows it computed. The click guarantee
 (:mod:`service.engine.guarantee`) is applied to every pass before its probability is
 stored, unless ``honour_clicks`` is off (research and evaluation).
@@ -256,7 +256,8 @@ class Worker:
             targets = windows.plan(job.new_clicks, [w.offset for w in base.windows], lattice.shape, extent)
             parent = job.base_version
         canvas = Canvas(base_windows, lattice.shape, lambda ref: self._stored_window(job.session_id, ref))
-        run = _JobRun(job, version, lattice, extent, canvas, clicks, self.border_passes)
+        showing = base_windows[-1].offset if base_windows else FIRST_WINDOW
+        run = _JobRun(job, version, lattice, extent, canvas, clicks, self.border_passes, showing)
         for n, offset in enumerate(targets):
             current = self._pass(run, offset, name=BLOB_PROBABILITY if n == len(targets) - 1 else f"{BLOB_PROBABILITY}.{n}")
             self._extend(run, current)
@@ -288,6 +289,7 @@ class Worker:
         grid = run.lattice.window(offset)
         images = self._window_images(run.job.session_id, grid, offset)
         memory, covered = run.canvas.compose(offset, grid.shape)
+        earlier = memory.copy()  # the session's probability so far in this window, where covered
         masked = covered & (memory > 0.5)  # the session's mask so far in this window
         clicks = windows.local_clicks(run.clicks, offset)
         first = None
@@ -312,6 +314,11 @@ class Worker:
             unasked = windows.unasked_tumour(probability > 0.5, masked, ~covered, clicks)
             probability = np.where(unasked, np.float32(0.0), probability)
             votes = np.where(unasked, 0, votes).astype(votes.dtype)
+            if offset != run.showing:  # a window the job moved to, or an extension: what is far from its clicks stays
+                new_clicks = windows.local_clicks(run.job.new_clicks, offset)
+                steady = covered & ~windows.near_clicks(new_clicks, grid.shape,
+                                                        windows.STEADY_RADIUS_MM / run.lattice.spacing_mm)
+                probability = np.where(steady, earlier, probability)
         blob, stored = stored_probability(probability)
         ref = WindowRef(offset, run.version, name)
         run.canvas.add(ref, stored, under=under)
@@ -359,6 +366,7 @@ class _JobRun:
     canvas: Canvas
     clicks: tuple[Click, ...]
     extensions_left: int
+    showing: windows.Offset  # the session's current window when the job started
     blobs: dict[str, bytes] = dataclasses.field(default_factory=dict)
     uncertainty: Uncertainty | None = None
     passes: int = 0

@@ -179,7 +179,7 @@ def still_client(all_tumour: Path) -> Iterator[TestClient]:
 
 def _click(client: TestClient, session_id: str, label: str, ct_z_mm: float) -> dict:
     answer = client.post(f"/v1/sessions/{session_id}/clicks",
-                         json={"clicks": [{"label": label, "world_mm": [10.0, 20.0, ct_z_mm]}]})
+                         json={"clicks": [{"label": label, "world_mm": [16.0, 16.0, ct_z_mm]}]})
     assert answer.status_code == 200, answer.text
     return answer.json()
 
@@ -197,7 +197,7 @@ def test_a_click_in_new_territory_adds_no_tumour_that_nobody_asked_for(
     assert original[:, :, 64:96].all() and not original[:, :, :64].any()
     assert far["summary"]["voxels"] == 32**3
     # a foreground click between the two asks for the tumour it is in: its new window (z 30..61) is added,
-    # also where it overlaps the last window (z 30, 31), which the networks now call tumour as well
+    # also where it overlaps the last window (z 30, 31), all of it within 30 mm of the click
     asked = _click(still_client, sid, "foreground", 45.0)
     assert asked["window"]["offset"] == [0, 0, -34] and decode_mask(asked["mask"]).all()
     original = _original(still_client, sid)
@@ -211,6 +211,31 @@ def test_a_click_in_new_territory_adds_no_tumour_that_nobody_asked_for(
     assert near["window"]["offset"] == [0, 0, -29]
     assert int(decode_mask(near["mask"]).sum()) == 32**3 - 1
     assert int(_original(still_client, sid).sum()) == 32 * 32 * (96 - 35) - 1
+
+
+def test_a_window_a_click_moves_to_keeps_the_session_mask_far_from_the_click(moving_client: TestClient) -> None:
+    # a CT a window and a half long in x; the first window (x 0..31) is all tumour (the initial stage)
+    rng = np.random.default_rng(5)
+    shape = (48, 32, 32)
+    files = {"ct": ("ct.nii.gz", write_nifti(rng.normal(40, 20, shape).astype(np.int16), CT_AFFINE)),
+             "pet": ("pt.nii.gz", write_nifti(rng.gamma(2.0, 0.5, shape).astype(np.float32), CT_AFFINE))}
+    created = moving_client.post("/v1/sessions", files=files, data={"centre": "15.5,15.5,15.5"})
+    assert created.status_code == 201, created.text
+    sid = created.json()["id"]
+    # a background click at the CT's far end: its window (x 16..47, kept inside the CT) overlaps the first
+    # one; the refinement says background all over it, but the first window's mask farther than 30 mm from
+    # the click stays
+    click = np.array([46, 16, 16])
+    moved = moving_client.post(f"/v1/sessions/{sid}/clicks",
+                               json={"clicks": [{"label": "background", "world_mm": click.tolist()}]})
+    assert moved.status_code == 200, moved.text
+    assert moved.json()["window"]["offset"] == [16, 0, 0]
+    far = np.linalg.norm(np.stack(np.indices(shape), axis=-1) - click, axis=-1) > 30.0
+    expected = np.zeros(shape, dtype=bool)
+    expected[:16] = True
+    expected[16:32] = far[16:32]
+    assert 0 < int(far[16:32].sum()) < 16 * 32 * 32
+    assert np.array_equal(_original(moving_client, sid), expected)
 
 
 def _passes(kind: str = "refine") -> np.ndarray:
