@@ -80,3 +80,20 @@ def reference_click_maps(
             low, high = float(signal.min()), float(signal.max())
             out[channel] = (signal - low) / (high - low)
     return out
+
+
+def click_balls(clicks: Sequence[Click], shape: Sequence[int], radius_voxels: float) -> np.ndarray:
+    """Bool mask of the voxels of a volume of ``shape`` within ``radius_voxels`` of any click (clicks
+    outside the volume too)."""
+    balls = np.zeros(tuple(int(n) for n in shape), dtype=bool)
+    reach = int(np.ceil(radius_voxels))
+    for click in clicks:
+        low = [max(int(c) - reach, 0) for c in click.voxel]
+        high = [min(int(c) + reach + 1, int(n)) for c, n in zip(click.voxel, shape)]
+        if any(h <= lo for lo, h in zip(low, high)):
+            continue
+        box = tuple(slice(lo, h) for lo, h in zip(low, high))
+        axes = np.ogrid[box]
+        distance2 = sum((axis - int(c)) ** 2 for axis, c in zip(axes, click.voxel))
+        balls[box] |= distance2 <= radius_voxels**2
+    return balls

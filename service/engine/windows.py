@@ -40,7 +40,7 @@ The rules:
   sees the session's earlier masks at another place in its field of view, often near its
   edge, and the networks would redraw them there. Where earlier windows covered it, it
   keeps the session's probability farther than ``STEADY_RADIUS_MM`` from every click of
-  the job (:func:`near_clicks`), so a click far from the tumour leaves the tumour as it was.
+  the job, so a click far from the tumour leaves the tumour as it was.
 - **Stitching.** A version lists its windows in order (:class:`WindowRef`); the
   session's probability at a voxel is that of the last window holding it. A window
   computed again replaces its earlier entry; a version stores only the windows it
@@ -138,16 +138,6 @@ def unasked_tumour(mask: np.ndarray, shown: np.ndarray, new_territory: np.ndarra
             unasked[regions[tuple(click.voxel)]] = False
     unasked[0] = False
     return unasked[regions]
-
-
-def near_clicks(clicks: Sequence[Click], shape: Sequence[int], radius_voxels: float) -> np.ndarray:
-    """Bool mask of a window's voxels within ``radius_voxels`` of any of ``clicks`` (window-local,
-    those outside the window too)."""
-    axes = np.ogrid[tuple(slice(0, int(n)) for n in shape)]
-    near = np.zeros(tuple(int(n) for n in shape), dtype=bool)
-    for click in clicks:
-        near |= sum((axis - int(c)) ** 2 for axis, c in zip(axes, click.voxel)) <= radius_voxels**2
-    return near
 
 
 def local_clicks(clicks: Sequence[Click], offset: Offset) -> list[Click]:

@@ -34,6 +34,7 @@ import numpy as np
 
 from service import logs, metrics
 from service.engine import windows
+from service.engine.clicks import click_balls
 from service.engine.ensemble import Engine
 from service.engine.guarantee import honour_clicks, honour_radius_voxels
 from service.engine.outputs import mask_blob, mask_summary, stored_probability
@@ -316,7 +317,7 @@ class Worker:
             votes = np.where(unasked, 0, votes).astype(votes.dtype)
             if offset != run.showing:  # a window the job moved to, or an extension: what is far from its clicks stays
                 new_clicks = windows.local_clicks(run.job.new_clicks, offset)
-                steady = covered & ~windows.near_clicks(new_clicks, grid.shape,
+                steady = covered & ~click_balls(new_clicks, grid.shape,
                                                         windows.STEADY_RADIUS_MM / run.lattice.spacing_mm)
                 probability = np.where(steady, earlier, probability)
         blob, stored = stored_probability(probability)

@@ -17,7 +17,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from service.engine.checkpoints import LoadedCheckpoint
-from service.engine.clicks import click_maps
+from service.engine.clicks import click_balls, click_maps
 from service.engine.ensemble import Engine
 from service.engine.fastpath import autocast_dtype
 from service.science.augment import augmented_sample, training_transforms
@@ -33,19 +33,6 @@ def _loss() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Dice + BCE on the logits, in float32 whatever the forward pass computed in."""
     loss = DiceCELoss(sigmoid=True, lambda_dice=1.0, lambda_ce=1.0)
     return lambda logits, target: loss(logits.float(), target)
-
-
-def click_balls(clicks: Sequence[Click], shape: Sequence[int], radius_voxels: float) -> np.ndarray:
-    """Bool mask of the voxels within ``radius_voxels`` of any click."""
-    balls = np.zeros(tuple(shape), dtype=bool)
-    reach = int(np.ceil(radius_voxels))
-    for click in clicks:
-        low = [max(int(c) - reach, 0) for c in click.voxel]
-        high = [min(int(c) + reach + 1, n) for c, n in zip(click.voxel, shape)]
-        axes = np.ogrid[tuple(slice(lo, hi) for lo, hi in zip(low, high))]
-        distance2 = sum((axis - int(c)) ** 2 for axis, c in zip(axes, click.voxel))
-        balls[tuple(slice(lo, hi) for lo, hi in zip(low, high))] |= distance2 <= radius_voxels**2
-    return balls
 
 
 def _ball_bce(logits: torch.Tensor, target: torch.Tensor, balls: torch.Tensor) -> torch.Tensor:

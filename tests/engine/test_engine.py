@@ -17,7 +17,7 @@ from service.engine.checkpoints import (
     load_checkpoint,
     write_checkpoint,
 )
-from service.engine.clicks import click_maps
+from service.engine.clicks import click_balls, click_maps
 from service.engine.ensemble import Engine, Ensemble
 from service.engine.networks import (
     INITIAL_CHANNELS,
@@ -173,3 +173,14 @@ def test_service_refuses_to_start_on_bad_weights(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "cannot start" in result.stderr and "no manifest.json" in result.stderr
+
+
+def test_click_balls_cover_the_voxels_near_each_click() -> None:
+    balls = click_balls([Click("foreground", (4, 4, 4))], (9, 9, 9), 1.5)
+    assert balls.sum() == 1 + 6 + 12 and balls[4, 4, 4] and not balls[5, 5, 5]  # distances 0, 1 and sqrt(2)
+    corner = click_balls([Click("background", (0, 0, 0)), Click("foreground", (8, 8, 8))], (9, 9, 9), 1.0)
+    assert corner.sum() == 2 * 4  # each ball cut by the volume's faces
+    assert click_balls([Click("background", (2, 3, 4))], (6, 6, 6), 0.0).sum() == 1  # radius 0: the clicked voxel
+    # clicks outside the volume: the part of their ball inside it, nothing where the ball does not reach
+    outside = click_balls([Click("background", (-2, 4, 4)), Click("foreground", (-30, 4, 4))], (9, 9, 9), 2.0)
+    assert outside.sum() == 1 and outside[0, 4, 4]

@@ -252,21 +252,11 @@ def test_a_net_from_scratch_starts_at_the_output_prior(config: str) -> None:
         start_from_prior(net, 1.0)
 
 
-def test_click_balls_cover_the_voxels_near_each_click() -> None:
-    from service.science.training_samples import click_balls
-    from service.store.contract import Click
-
-    balls = click_balls([Click("foreground", (4, 4, 4))], (9, 9, 9), 1.5)
-    assert balls.sum() == 1 + 6 + 12 and balls[4, 4, 4] and not balls[5, 5, 5]  # distances 0, 1 and sqrt(2)
-    corner = click_balls([Click("background", (0, 0, 0)), Click("foreground", (8, 8, 8))], (9, 9, 9), 1.0)
-    assert corner.sum() == 2 * 4  # each ball cut by the volume's faces
-
-
 def test_train_options_set_the_click_loss_and_its_radius() -> None:
     import argparse
 
+    from service.engine.clicks import click_balls
     from service.science.training import config_from_arguments, register
-    from service.science.training_samples import click_balls
     from service.store.contract import Click
 
     parser = argparse.ArgumentParser()
