@@ -127,8 +127,10 @@ def unasked_tumour(mask: np.ndarray, shown: np.ndarray, new_territory: np.ndarra
     """The voxels of ``mask``'s components (26-connected) that reach into ``new_territory``, overlap
     no voxel of ``shown`` (the session's mask so far) and hold no foreground click of ``clicks``
     (window-local): the new-territory rule of the module doc."""
+    if not new_territory.any():  # a click in a window the session covers: no labelling
+        return np.zeros(mask.shape, dtype=bool)
     regions, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    if count == 0 or not new_territory.any():
+    if count == 0:
         return np.zeros(mask.shape, dtype=bool)
     unasked = np.zeros(count + 1, dtype=bool)
     unasked[np.unique(regions[new_territory])] = True
