@@ -317,8 +317,8 @@ class Worker:
             votes = np.where(unasked, 0, votes).astype(votes.dtype)
             if offset != run.showing:  # a window the job moved to, or an extension: what is far from its clicks stays
                 new_clicks = windows.local_clicks(run.job.new_clicks, offset)
-                steady = covered & ~click_balls(new_clicks, grid.shape,
-                                                        windows.STEADY_RADIUS_MM / run.lattice.spacing_mm)
+                reach = windows.STEADY_RADIUS_MM / run.lattice.spacing_mm
+                steady = covered & ~click_balls(new_clicks, grid.shape, reach)
                 probability = np.where(steady, earlier, probability)
         blob, stored = stored_probability(probability)
         ref = WindowRef(offset, run.version, name)
