@@ -290,7 +290,7 @@ class Worker:
         grid = run.lattice.window(offset)
         images = self._window_images(run.job.session_id, grid, offset)
         memory, covered = run.canvas.compose(offset, grid.shape)
-        earlier = memory.copy()  # the session's probability so far in this window, where covered
+        earlier = memory  # the session's probability so far in this window, where covered (rebound, never written)
         masked = covered & (memory > 0.5)  # the session's mask so far in this window
         clicks = windows.local_clicks(run.clicks, offset)
         first = None

@@ -65,10 +65,13 @@ class StageTrainer:
         """The forward passes' autocast context (a no-op for float32 training)."""
         return torch.autocast(self.device.type, dtype=self.precision, enabled=self.precision is not None)
 
-    def _infer(self, net: UNet, inputs: np.ndarray) -> torch.Tensor:
-        """A gradient-free pass (frozen initial net, simulated clicks) in the training precision; float32 logits."""
+    def _infer(self, net: UNet, inputs: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A gradient-free pass (frozen initial net or peers, simulated clicks) in the training precision;
+        float32 logits. ``inputs`` as an array, or already a tensor on the device."""
+        if isinstance(inputs, np.ndarray):
+            inputs = _tensor(inputs, self.device)
         with torch.inference_mode(), self.reduced_precision():
-            return net(_tensor(inputs, self.device)).float()
+            return net(inputs).float()
 
     # -- one optimisation step (or several, for 2S-ICR interactions) ---------------
     def _sample(self, cases: Sequence[PreparedCase]) -> tuple[str, np.ndarray, np.ndarray]:
@@ -135,8 +138,8 @@ class StageTrainer:
             if dropped:  # mask dropout: no memory this time
                 memory = np.full_like(memory, 0.5)
             maps = click_maps(clicks, truth.shape, self.config.click_sigma_voxels)
-            inputs = np.concatenate([images, memory[None], maps])
-            logits = net(_tensor(inputs, self.device))
+            inputs = _tensor(np.concatenate([images, memory[None], maps]), self.device)  # once, for the peers too
+            logits = net(inputs)
             outputs = [torch.sigmoid(logits.detach().float())] + [torch.sigmoid(self._infer(p, inputs)) for p in peers]
             state["previous"] = torch.stack(outputs).mean(dim=0)[0, 0].cpu().numpy()
             wanted = target
