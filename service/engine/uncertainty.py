@@ -73,6 +73,12 @@ def votes_after_clicks(votes: np.ndarray, members: int, clicks: Sequence[Click],
     return np.rint(agreed * members).astype(np.uint8)
 
 
+def votes_for_mask(votes: np.ndarray, members: int, drawn: np.ndarray, returned: np.ndarray) -> np.ndarray:
+    """The votes where the service returns another mask than the networks ``drawn``: all members agree
+    with the ``returned`` mask there (service.engine.locality keeps the session's mask away from the clicks)."""
+    return np.where(drawn != returned, np.where(returned, members, 0), votes).astype(np.uint8)
+
+
 def uncertain(votes: np.ndarray, members: int) -> np.ndarray:
     return (votes > 0) & (votes < members)
 

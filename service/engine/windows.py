@@ -28,19 +28,11 @@ The rules:
   that touches; where both faces of an axis touch, towards the face with more mask
   voxels), with at most ``border_passes`` such passes per job. The extension is kept
   *under* the window it extends, so the window the user's click chose stays on top.
-- **New territory.** A click asks for the tumour where it is, not for more elsewhere: when
-  a click job's pass reaches territory that no earlier window covered, the mask
-  components of its output that reach into that territory, overlap none of the session's
-  mask so far in the window and hold no foreground click are tumour nobody asked for (a
-  hot node or an uptake the first window left out), and get probability 0
-  (:func:`unasked_tumour`). A foreground click there keeps its component; a tumour that
-  continues across the old window's border overlaps the mask there and is kept.
-- **A moved window changes what is near its clicks.** A pass in a window other than the
-  session's current one (a click moved the window there, or the border rule extended it)
-  sees the session's earlier masks at another place in its field of view, often near its
-  edge, and the networks would redraw them there. Where earlier windows covered it, it
-  keeps the session's probability farther than ``STEADY_RADIUS_MM`` from every click of
-  the job, so a click far from the tumour leaves the tumour as it was.
+- **What a pass keeps.** A click pass keeps only the objects its clicks touch, and a request
+  of "not tumour" clicks only removes (:mod:`service.engine.locality`): a window moved to a
+  click near its edge, which sees the session's mask at another place in its field of view,
+  does not redraw it there, and territory it reaches for the first time gains no tumour
+  that no click asked for.
 - **Stitching.** A version lists its windows in order (:class:`WindowRef`); the
   session's probability at a voxel is that of the last window holding it. A window
   computed again replaces its earlier entry; a version stores only the windows it
@@ -52,14 +44,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from service.store.contract import Click, Extent, WindowRef
 
 Offset = tuple[int, int, int]
 KEEP_FRACTION = 8
 BORDER_VOXELS = 2
-STEADY_RADIUS_MM = 30.0
 
 
 def place(centre: Sequence[float], shape: Sequence[int], extent: Extent) -> Offset:
@@ -120,26 +110,6 @@ def border_shift(mask: np.ndarray, offset: Offset, extent: Extent) -> Offset | N
     centre = [m + (n - 1) / 2 for m, n in zip(moved, shape)]
     target = place(centre, shape, extent)
     return None if target == tuple(offset) else target
-
-
-def unasked_tumour(mask: np.ndarray, shown: np.ndarray, new_territory: np.ndarray,
-                   clicks: Sequence[Click]) -> np.ndarray:
-    """The voxels of ``mask``'s components (26-connected) that reach into ``new_territory``, overlap
-    no voxel of ``shown`` (the session's mask so far) and hold no foreground click of ``clicks``
-    (window-local): the new-territory rule of the module doc."""
-    if not new_territory.any():  # a click in a window the session covers: no labelling
-        return np.zeros(mask.shape, dtype=bool)
-    regions, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    if count == 0:
-        return np.zeros(mask.shape, dtype=bool)
-    unasked = np.zeros(count + 1, dtype=bool)
-    unasked[np.unique(regions[new_territory])] = True
-    unasked[np.unique(regions[shown])] = False
-    for click in inside(clicks, mask.shape):
-        if click.label == "foreground":
-            unasked[regions[tuple(click.voxel)]] = False
-    unasked[0] = False
-    return unasked[regions]
 
 
 def local_clicks(clicks: Sequence[Click], offset: Offset) -> list[Click]:

@@ -9,11 +9,11 @@ job is taken over by another. A store outage never kills the worker: it waits wi
 backoff and carries on, re-registering its heartbeat when the store is back.
 
 A job runs its passes in the session's working windows (:mod:`service.engine.windows`:
-which window a click uses, the memory where no window reached yet, the border rule, no
-tumour nobody asked for in new territory, a moved window changing only what is near its clicks)
-and stores only the windows it computed. The click guarantee
-(:mod:`service.engine.guarantee`) is applied to every pass before its probability is
-stored, unless ``honour_clicks`` is off (research and evaluation).
+which window a click uses, the memory where no window reached yet, the border rule) and
+stores only the windows it computed. The click guarantee (:mod:`service.engine.guarantee`)
+is applied to every pass before its probability is stored, unless ``honour_clicks`` is off
+(research and evaluation); then a click pass keeps only what its clicks may change
+(:mod:`service.engine.locality`: the objects they touch; a "not tumour" request only removes).
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ import numpy as np
 
 from service import logs, metrics
 from service.engine import windows
-from service.engine.clicks import click_balls
 from service.engine.ensemble import Engine
 from service.engine.guarantee import honour_clicks, honour_radius_voxels
+from service.engine.locality import confine, removing_only, touched_objects
 from service.engine.outputs import mask_blob, mask_summary, stored_probability
-from service.engine.uncertainty import Uncertainty, encode_uncertainty, summarise, votes_after_clicks
+from service.engine.uncertainty import Uncertainty, encode_uncertainty, summarise, votes_after_clicks, votes_for_mask
 from service.engine.windows import Canvas
 from service.imaging.grid import WorkingGrid, preprocess
 from service.imaging.scan import Scan, decode_scan
@@ -257,8 +257,8 @@ class Worker:
             targets = windows.plan(job.new_clicks, [w.offset for w in base.windows], lattice.shape, extent)
             parent = job.base_version
         canvas = Canvas(base_windows, lattice.shape, lambda ref: self._stored_window(job.session_id, ref))
-        showing = base_windows[-1].offset if base_windows else FIRST_WINDOW
-        run = _JobRun(job, version, lattice, extent, canvas, clicks, self.border_passes, showing)
+        changed = Canvas((), lattice.shape, canvas.probability)  # holds only what this job's passes add
+        run = _JobRun(job, version, lattice, extent, canvas, clicks, self.border_passes, changed)
         for n, offset in enumerate(targets):
             current = self._pass(run, offset, name=BLOB_PROBABILITY if n == len(targets) - 1 else f"{BLOB_PROBABILITY}.{n}")
             self._extend(run, current)
@@ -290,8 +290,7 @@ class Worker:
         grid = run.lattice.window(offset)
         images = self._window_images(run.job.session_id, grid, offset)
         memory, covered = run.canvas.compose(offset, grid.shape)
-        earlier = memory  # the session's probability so far in this window, where covered (rebound, never written)
-        masked = covered & (memory > 0.5)  # the session's mask so far in this window
+        earlier = memory  # the session's probability so far in this window, 0 where uncovered (rebound, never written)
         clicks = windows.local_clicks(run.clicks, offset)
         first = None
         if run.job.kind == "initial" or not covered.all():
@@ -311,18 +310,17 @@ class Worker:
             radius = honour_radius_voxels(run.lattice.spacing_mm)
             probability = honour_clicks(probability, clicks, radius)
             votes = votes_after_clicks(votes, result_pass.members, clicks, radius)
-        if run.job.kind != "initial":
-            unasked = windows.unasked_tumour(probability > 0.5, masked, ~covered, clicks)
-            probability = np.where(unasked, np.float32(0.0), probability)
-            votes = np.where(unasked, 0, votes).astype(votes.dtype)
-            if offset != run.showing:  # a window the job moved to, or an extension: what is far from its clicks stays
-                new_clicks = windows.local_clicks(run.job.new_clicks, offset)
-                reach = windows.STEADY_RADIUS_MM / run.lattice.spacing_mm
-                steady = covered & ~click_balls(new_clicks, grid.shape, reach)
-                probability = np.where(steady, earlier, probability)
+        if run.job.kind != "initial":  # what the request's clicks may change (service.engine.locality)
+            reached = run.changed.compose(offset, grid.shape)[0] > 0.5 if run.changed.windows else None
+            changed = touched_objects(probability, earlier, windows.local_clicks(run.job.new_clicks, offset), reached)
+            drawn = probability > 0.5
+            probability = confine(probability, earlier, changed, removing_only=removing_only(run.job.new_clicks))
+            votes = votes_for_mask(votes, result_pass.members, drawn, probability > 0.5)
         blob, stored = stored_probability(probability)
         ref = WindowRef(offset, run.version, name)
         run.canvas.add(ref, stored, under=under)
+        if run.job.kind != "initial":
+            run.changed.add(ref, changed.astype(np.float32))
         run.blobs[name] = blob
         if under is None:  # the window the version shows
             run.blobs[BLOB_MASK] = mask_blob(stored > 0.5)
@@ -367,7 +365,7 @@ class _JobRun:
     canvas: Canvas
     clicks: tuple[Click, ...]
     extensions_left: int
-    showing: windows.Offset  # the session's current window when the job started
+    changed: Canvas  # the objects each of the job's passes changed (1) or kept (0), for the border rule's passes
     blobs: dict[str, bytes] = dataclasses.field(default_factory=dict)
     uncertainty: Uncertainty | None = None
     passes: int = 0

@@ -24,9 +24,9 @@ click before and after it; once per case, after the initial mask, one *no-op* cl
 (:func:`service.science.simulator.no_op_click`: background, inside the body, at least
 30 mm from the mask and the truth) and how far the mask moved.
 
-Each learned method runs as the model alone and/or behind the service's click
-guarantee (:class:`service.science.methods.Guaranteed`, the label suffixed
-``+guarantee``), and the ``pet-threshold`` baseline (no weights) runs on the first
+Each learned method runs as the model alone and/or behind the service's click rules
+(the click guarantee and what a click may change, :class:`service.science.methods.Guaranteed`,
+the label suffixed ``+guarantee``), and the ``pet-threshold`` baseline (no weights) runs on the first
 checkpoint's working grid.
 """
 
@@ -499,8 +499,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> a
     )
     parser.add_argument(
         "--guarantee", choices=GUARANTEE_CHOICES, default="both",
-        help="each checkpoint as the model alone (off), behind the service's click guarantee (on, label "
-        f"+ '{GUARANTEE_SUFFIX}', each click's label set {honour_rule()}), or both (default)",
+        help="each checkpoint as the model alone (off), behind the service's click rules (on, label "
+        f"+ '{GUARANTEE_SUFFIX}', each click's label set {honour_rule()}, only the objects a click touches "
+        "changed), or both (default)",
     )
     parser.add_argument(
         "--baseline", choices=[*BASELINES, "none"], action="append", default=None,

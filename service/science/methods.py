@@ -8,9 +8,10 @@
 - ``pet-threshold``: the classical 40 % of SUVmax baseline, no weights
   (:mod:`service.science.pet_threshold`).
 
-:class:`Guaranteed` puts any of them behind the service's click guarantee
-(:func:`service.engine.guarantee.honour_clicks` on every pass's probability, before it
-is thresholded and becomes the next pass's memory).
+:class:`Guaranteed` puts any of them behind the service's click rules, as a session applies
+them to every pass's probability before it is thresholded and becomes the next pass's
+memory: the click guarantee (:func:`service.engine.guarantee.honour_clicks`) and what a
+click may change (:mod:`service.engine.locality`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from service.engine.clicks import click_maps
 from service.engine.ensemble import Engine, Ensemble
 from service.engine.fastpath import autocast_dtype
 from service.engine.guarantee import honour_clicks
+from service.engine.locality import confine, removing_only, touched_objects
 from service.store.contract import Click
 
 
@@ -89,7 +91,8 @@ def segmenter_for(
 
 
 class Guaranteed:
-    """A segmenter whose every refined probability has each click's ball set to its label."""
+    """A segmenter behind the service's click rules: each click's ball set to its label, and only the
+    objects the new clicks touch changed (a "not tumour" click only removing)."""
 
     def __init__(self, segmenter: Segmenter, radius_voxels: float) -> None:
         self.segmenter = segmenter
@@ -102,4 +105,7 @@ class Guaranteed:
         self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None
     ) -> np.ndarray:
         probability = self.segmenter.refine(images, previous, clicks, new_clicks=new_clicks)
-        return honour_clicks(probability, clicks, self.radius_voxels)
+        probability = honour_clicks(probability, clicks, self.radius_voxels)
+        fresh = clicks[-new_clicks:] if new_clicks is not None and 0 < new_clicks <= len(clicks) else clicks
+        changed = touched_objects(probability, previous, fresh)
+        return confine(probability, previous, changed, removing_only=removing_only(fresh))

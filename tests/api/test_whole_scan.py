@@ -189,31 +189,35 @@ def test_a_click_in_new_territory_adds_no_tumour_that_nobody_asked_for(
 ) -> None:
     # the networks say tumour everywhere; the first window (CT z 64..95) is all tumour
     sid = _create(still_client, scan_files)["id"]
-    # a background click 59 mm below it: its new window (z 0..31) is all tumour to the networks, touches none
-    # of the session's mask and holds no foreground click: none of it is added
+    # a background click 59 mm below it: its new window (z 0..31) is all tumour to the networks, but a
+    # background click only removes: none of it is added
     far = _click(still_client, sid, "background", 5.0)
     assert far["window"]["offset"] == [0, 0, -64] and not decode_mask(far["mask"]).any()
     original = _original(still_client, sid)
     assert original[:, :, 64:96].all() and not original[:, :, :64].any()
     assert far["summary"]["voxels"] == 32**3
     # a foreground click between the two asks for the tumour it is in: its new window (z 30..61) is added,
-    # also where it overlaps the last window (z 30, 31), all of it within 30 mm of the click
+    # also where it overlaps the last window (z 30, 31)
     asked = _click(still_client, sid, "foreground", 45.0)
     assert asked["window"]["offset"] == [0, 0, -34] and decode_mask(asked["mask"]).all()
     original = _original(still_client, sid)
     assert original[:, :, 30:62].all() and original[:, :, 64:96].all()
     assert not original[:, :, :30].any() and not original[:, :, 62:64].any()  # z 62, 63: no window reaches
 
-    # in a new session, a background click whose new window overlaps the first window's mask: the tumour
-    # continues there, so the networks' mask is kept (the clicked voxel aside, which the guarantee sets)
+    # in a new session, a background click on the tumour near the first window's edge: its new window
+    # (z 50..81) is all tumour to the networks, but nothing is added; the tumour loses the clicked voxel
     sid = _create(still_client, scan_files)["id"]
-    near = _click(still_client, sid, "background", 50.0)
-    assert near["window"]["offset"] == [0, 0, -29]
-    assert int(decode_mask(near["mask"]).sum()) == 32**3 - 1
+    near = _click(still_client, sid, "background", 65.0)
+    assert near["window"]["offset"] == [0, 0, -14]
+    assert int(decode_mask(near["mask"]).sum()) == 32 * 32 * 18 - 1  # z 64..81 of the window, the click aside
+    assert int(_original(still_client, sid).sum()) == 32**3 - 1
+    # a foreground click there asks for the tumour: the networks' tumour joins the session's
+    grown = _click(still_client, sid, "foreground", 50.0)
+    assert grown["window"]["offset"] == [0, 0, -29]
     assert int(_original(still_client, sid).sum()) == 32 * 32 * (96 - 35) - 1
 
 
-def test_a_window_a_click_moves_to_keeps_the_session_mask_far_from_the_click(moving_client: TestClient) -> None:
+def test_a_window_a_click_moves_to_keeps_the_session_mask_the_click_does_not_touch(moving_client: TestClient) -> None:
     # a CT a window and a half long in x; the first window (x 0..31) is all tumour (the initial stage)
     rng = np.random.default_rng(5)
     shape = (48, 32, 32)
@@ -222,19 +226,23 @@ def test_a_window_a_click_moves_to_keeps_the_session_mask_far_from_the_click(mov
     created = moving_client.post("/v1/sessions", files=files, data={"centre": "15.5,15.5,15.5"})
     assert created.status_code == 201, created.text
     sid = created.json()["id"]
-    # a background click at the CT's far end: its window (x 16..47, kept inside the CT) overlaps the first
-    # one; the refinement says background all over it, but the first window's mask farther than 30 mm from
-    # the click stays
-    click = np.array([46, 16, 16])
+    # a background click at the CT's far end, where there is no tumour: its window (x 16..47, kept inside the
+    # CT) overlaps the first one and the refinement says background all over it, but the click touches no
+    # tumour, so the session's mask stays as it was
     moved = moving_client.post(f"/v1/sessions/{sid}/clicks",
-                               json={"clicks": [{"label": "background", "world_mm": click.tolist()}]})
+                               json={"clicks": [{"label": "background", "world_mm": [46, 16, 16]}]})
     assert moved.status_code == 200, moved.text
     assert moved.json()["window"]["offset"] == [16, 0, 0]
-    far = np.linalg.norm(np.stack(np.indices(shape), axis=-1) - click, axis=-1) > 30.0
     expected = np.zeros(shape, dtype=bool)
-    expected[:16] = True
-    expected[16:32] = far[16:32]
-    assert 0 < int(far[16:32].sum()) < 16 * 32 * 32
+    expected[:32] = True
+    assert np.array_equal(_original(moving_client, sid), expected)
+    # a background click on the tumour in that window: the tumour it touches becomes what the refinement
+    # says (background) in the window (x 16..47); beyond it (x 0..15) it stays
+    on = moving_client.post(f"/v1/sessions/{sid}/clicks",
+                            json={"clicks": [{"label": "background", "world_mm": [29, 16, 16]}]})
+    assert on.status_code == 200, on.text
+    assert on.json()["window"]["offset"] == [16, 0, 0]
+    expected[16:] = False
     assert np.array_equal(_original(moving_client, sid), expected)
 
 

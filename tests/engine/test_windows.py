@@ -106,24 +106,3 @@ def test_clicks_move_into_window_coordinates_and_only_those_inside_are_shown() -
     local = windows.local_clicks(clicks, (0, 0, 64))
     assert [c.voxel for c in local] == [(3, 4, 6), (3, 4, -54)]
     assert windows.inside(local, SHAPE) == [local[0]]
-
-
-def test_in_new_territory_only_components_touching_the_session_mask_or_a_foreground_click_are_kept() -> None:
-    mask = np.zeros((12, 12, 12), dtype=bool)
-    mask[1:4, 1:4, 1:4] = True  # A: continues the session's mask (in covered territory)
-    mask[1:4, 8:11, 8:11] = True  # B: in new territory, touching nothing: unasked
-    mask[8:11, 1:4, 8:11] = True  # C: in new territory, holds a foreground click
-    mask[8:11, 8:11, 1:3] = True  # D: in covered territory only: the rule leaves it to the networks
-    mask[5, 5, 5] = mask[6, 6, 6] = True  # E: two voxels joined by a corner (26-connected), in new territory
-    covered = np.zeros_like(mask)
-    covered[:, :, :4] = True
-    session_mask = np.zeros_like(mask)
-    session_mask[2, 2, 2] = True
-    clicks = [Click("foreground", (9, 2, 9)), Click("background", (2, 9, 9)), Click("foreground", (40, 40, 40))]
-    unasked = windows.unasked_tumour(mask, session_mask, ~covered, clicks)
-    expected = np.zeros_like(mask)
-    expected[1:4, 8:11, 8:11] = True
-    expected[5, 5, 5] = expected[6, 6, 6] = True
-    assert np.array_equal(unasked, expected)
-    assert not windows.unasked_tumour(mask, session_mask, np.zeros_like(mask), clicks).any()  # no new territory
-    assert not windows.unasked_tumour(np.zeros_like(mask), session_mask, ~covered, clicks).any()  # no mask

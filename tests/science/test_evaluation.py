@@ -243,6 +243,29 @@ def test_the_guarantee_honours_every_click_and_feeds_the_memory(truth: np.ndarra
         np.testing.assert_array_equal(previous, honour_clicks(output, clicks, honour_radius_voxels(2.0)))
 
 
+class Redrawing(Ignoring):
+    """A segmenter that answers every click with a blob in a far corner and the truth gone."""
+
+    def refine(
+        self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None
+    ) -> np.ndarray:
+        return _ball((17, 17, 17), 2).astype(np.float32)
+
+
+def test_behind_the_service_rules_a_click_changes_only_the_object_it_touches(truth: np.ndarray) -> None:
+    # the initial mask is the truth plus a small false blob far from it; the networks redraw everything
+    blob = _ball((3, 3, 16), 1)
+    guaranteed = Guaranteed(Redrawing(truth | blob), honour_radius_voxels(GRID.spacing_mm))
+    initial = guaranteed.initial_probability(np.zeros((2, *SHAPE), dtype=np.float32))
+    removed = guaranteed.refine(np.zeros((2, *SHAPE), dtype=np.float32), initial, (Click("background", (3, 3, 16)),))
+    # the background click touches the blob: it goes; the tumour it does not touch stays; the corner blob the
+    # networks drew touches no click and does not appear
+    assert np.array_equal(removed > 0.5, truth)
+    again = guaranteed.refine(np.zeros((2, *SHAPE), dtype=np.float32), removed,
+                              (Click("background", (3, 3, 16)), Click("foreground", (17, 17, 17))), new_clicks=1)
+    assert np.array_equal(again > 0.5, truth | _ball((17, 17, 17), 2))  # the foreground click asks for its blob
+
+
 def test_no_op_result_by_hand() -> None:
     corner = _ball((3, 3, 3), 1)  # 7 voxels; the far corner is ~27 voxels (54 mm) away
     case = _case(corner)
