@@ -1,10 +1,11 @@
-"""What a click may change: the objects it touches, and a "not tumour" click only removes.
+"""What a click may change: the objects it touches; "not tumour" only removes, and deep inside an object, all of it.
 
 The interaction contract (DESIGN.md) says what is right stays right and what changes is near
 the clicks. The networks redraw their whole window on every pass: after a click on the
 tumour's rim they also redraw a hot structure 60 mm away, and a window moved to a click near
 its edge sees the session's earlier mask at another place in its field of view and draws it
-anew. So the service keeps of each click pass only what the request's clicks ask for:
+anew. So the service keeps of each click pass only what the request's clicks ask for
+(:func:`confine`):
 
 - **A click changes the objects it touches.** The objects are the connected components
   (26-connected) of the session's mask before the pass, the pass's mask and the voxels of
@@ -16,12 +17,18 @@ anew. So the service keeps of each click pass only what the request's clicks ask
   a tumour far from the clicks is not redrawn.
 - **"Not tumour" only removes.** When every new click of the request is a background click,
   the probability nowhere rises above the session's: a background click never adds tumour.
+- **"Not tumour" deep inside an object removes the object.** A new background click at
+  least ``DISMISS_DEPTH_MM`` inside an object of the session's mask (its distance to the
+  mask's edge), where that object holds no foreground click so far, removes the whole
+  object (in the pass's window): a click in the middle of a false-positive blob says the
+  blob is not tumour, while a click on a rim (closer to the edge) says where the edge is,
+  and the networks move it. The networks alone remove a few voxels around such a click.
 
 A click on a voxel that is background in both masks (a "not tumour" click where there is
 none) touches no object and changes nothing. The click guarantee
 (:mod:`service.engine.guarantee`) is applied before these rules and holds after them: a
 clicked voxel of a touched object takes the pass's guaranteed value, one elsewhere keeps the
-session's, which an earlier pass guaranteed.
+session's, which an earlier pass guaranteed, and a removed object holds no foreground click.
 """
 
 from __future__ import annotations
@@ -31,24 +38,39 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from service.engine.windows import inside
 from service.store.contract import Click
 
+DISMISS_DEPTH_MM = 4.0
 _NEIGHBOURS = np.ones((3, 3, 3), dtype=bool)
+
+
+def confine(probability: np.ndarray, earlier: np.ndarray, new_clicks: Sequence[Click], clicks: Sequence[Click],
+            spacing_mm: float, *, reached: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(the pass's ``probability`` as the service keeps it, the voxels it may have changed) by the module
+    doc's rules; ``earlier`` is the session's probability (0 where no window reached), ``new_clicks`` the
+    request's clicks and ``clicks`` all of the session's, window-local (those outside the window are skipped),
+    ``reached`` what the request's earlier passes changed."""
+    changed = touched_objects(probability, earlier, new_clicks, reached)
+    result = np.where(changed, probability, earlier).astype(np.float32)
+    if new_clicks and all(c.label == "background" for c in new_clicks):
+        np.minimum(result, earlier, out=result)
+    dismissed = dismissed_objects(earlier, new_clicks, clicks, spacing_mm)
+    result[dismissed] = 0.0
+    return result, changed | dismissed
 
 
 def touched_objects(probability: np.ndarray, earlier: np.ndarray, new_clicks: Sequence[Click],
                     reached: np.ndarray | None = None) -> np.ndarray:
-    """The voxels of the objects (see the module doc) that hold a click of ``new_clicks`` (window-local;
-    those outside the window are skipped) or a voxel of ``reached``."""
-    shape = probability.shape
-    clicks = [c for c in new_clicks if all(0 <= v < n for v, n in zip(c.voxel, shape))]
+    """The voxels of the objects (see the module doc) that hold a click of ``new_clicks`` or a voxel of ``reached``."""
     union = (earlier > 0.5) | (probability > 0.5)
-    for click in clicks:
+    fresh = inside(new_clicks, union.shape)
+    for click in fresh:
         if click.label == "foreground":
             union[click.voxel] = True
     objects, count = ndimage.label(union, structure=_NEIGHBOURS)
     touched = np.zeros(count + 1, dtype=bool)
-    for click in clicks:
+    for click in fresh:
         touched[objects[click.voxel]] = True
     if reached is not None:
         touched[np.unique(objects[reached])] = True
@@ -56,15 +78,22 @@ def touched_objects(probability: np.ndarray, earlier: np.ndarray, new_clicks: Se
     return touched[objects]
 
 
-def confine(probability: np.ndarray, earlier: np.ndarray, changed: np.ndarray, *, removing_only: bool) -> np.ndarray:
-    """The pass's ``probability`` where ``changed`` (:func:`touched_objects`), the session's ``earlier``
-    elsewhere, and at most ``earlier`` everywhere when ``removing_only`` (every new click says "not tumour")."""
-    result = np.where(changed, probability, earlier).astype(np.float32)
-    if removing_only:
-        np.minimum(result, earlier, out=result)
-    return result
-
-
-def removing_only(new_clicks: Sequence[Click]) -> bool:
-    """Whether a request's new clicks are all background clicks (and there is one)."""
-    return bool(new_clicks) and all(c.label == "background" for c in new_clicks)
+def dismissed_objects(earlier: np.ndarray, new_clicks: Sequence[Click], clicks: Sequence[Click],
+                      spacing_mm: float) -> np.ndarray:
+    """The objects of the session's mask (``earlier`` > 0.5) that a new background click lies at least
+    ``DISMISS_DEPTH_MM`` inside and that hold no foreground click of ``clicks``."""
+    mask = earlier > 0.5
+    deep = [c for c in inside(new_clicks, mask.shape) if c.label == "background" and mask[c.voxel]]
+    if not deep:
+        return np.zeros(mask.shape, dtype=bool)
+    # the distance to the nearest voxel outside the mask in the window (the window's faces are no edge)
+    depth = ndimage.distance_transform_edt(mask) * spacing_mm if not mask.all() else np.full(mask.shape, np.inf)
+    objects, count = ndimage.label(mask, structure=_NEIGHBOURS)
+    dismissed = np.zeros(count + 1, dtype=bool)
+    for click in deep:
+        dismissed[objects[click.voxel]] |= bool(depth[click.voxel] >= DISMISS_DEPTH_MM)
+    for click in inside(clicks, mask.shape):
+        if click.label == "foreground":
+            dismissed[objects[click.voxel]] = False
+    dismissed[0] = False
+    return dismissed[objects]

@@ -13,7 +13,8 @@ which window a click uses, the memory where no window reached yet, the border ru
 stores only the windows it computed. The click guarantee (:mod:`service.engine.guarantee`)
 is applied to every pass before its probability is stored, unless ``honour_clicks`` is off
 (research and evaluation); then a click pass keeps only what its clicks may change
-(:mod:`service.engine.locality`: the objects they touch; a "not tumour" request only removes).
+(:mod:`service.engine.locality`: the objects they touch; "not tumour" only removes, and deep
+inside an object removes all of it).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from service import logs, metrics
 from service.engine import windows
 from service.engine.ensemble import Engine
 from service.engine.guarantee import honour_clicks, honour_radius_voxels
-from service.engine.locality import confine, removing_only, touched_objects
+from service.engine.locality import confine
 from service.engine.outputs import mask_blob, mask_summary, stored_probability
 from service.engine.uncertainty import Uncertainty, encode_uncertainty, summarise, votes_after_clicks, votes_for_mask
 from service.engine.windows import Canvas
@@ -312,9 +313,9 @@ class Worker:
             votes = votes_after_clicks(votes, result_pass.members, clicks, radius)
         if run.job.kind != "initial":  # what the request's clicks may change (service.engine.locality)
             reached = run.changed.compose(offset, grid.shape)[0] > 0.5 if run.changed.windows else None
-            changed = touched_objects(probability, earlier, windows.local_clicks(run.job.new_clicks, offset), reached)
             drawn = probability > 0.5
-            probability = confine(probability, earlier, changed, removing_only=removing_only(run.job.new_clicks))
+            probability, changed = confine(probability, earlier, windows.local_clicks(run.job.new_clicks, offset),
+                                           clicks, run.lattice.spacing_mm, reached=reached)
             votes = votes_for_mask(votes, result_pass.members, drawn, probability > 0.5)
         blob, stored = stored_probability(probability)
         ref = WindowRef(offset, run.version, name)

@@ -298,7 +298,7 @@ def _plans(
             plans.append(MethodPlan(
                 label=label,
                 identity=identity,
-                segmenter=Guaranteed(segmenter, radius) if radius is not None else segmenter,
+                segmenter=Guaranteed(segmenter, radius, spacing) if radius is not None else segmenter,
                 provenance={
                     **common, "label": label, "checkpoint_digest": checkpoint.digest,
                     "refine_window": refine_window if windowed else None,

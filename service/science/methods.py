@@ -27,7 +27,7 @@ from service.engine.clicks import click_maps
 from service.engine.ensemble import Engine, Ensemble
 from service.engine.fastpath import autocast_dtype
 from service.engine.guarantee import honour_clicks
-from service.engine.locality import confine, removing_only, touched_objects
+from service.engine.locality import confine
 from service.store.contract import Click
 
 
@@ -91,12 +91,12 @@ def segmenter_for(
 
 
 class Guaranteed:
-    """A segmenter behind the service's click rules: each click's ball set to its label, and only the
-    objects the new clicks touch changed (a "not tumour" click only removing)."""
+    """A segmenter behind the service's click rules (the click guarantee, then what a click may change)."""
 
-    def __init__(self, segmenter: Segmenter, radius_voxels: float) -> None:
+    def __init__(self, segmenter: Segmenter, radius_voxels: float, spacing_mm: float) -> None:
         self.segmenter = segmenter
         self.radius_voxels = radius_voxels
+        self.spacing_mm = spacing_mm
 
     def initial_probability(self, images: np.ndarray) -> np.ndarray:
         return self.segmenter.initial_probability(images)
@@ -107,5 +107,4 @@ class Guaranteed:
         probability = self.segmenter.refine(images, previous, clicks, new_clicks=new_clicks)
         probability = honour_clicks(probability, clicks, self.radius_voxels)
         fresh = clicks[-new_clicks:] if new_clicks is not None and 0 < new_clicks <= len(clicks) else clicks
-        changed = touched_objects(probability, previous, fresh)
-        return confine(probability, previous, changed, removing_only=removing_only(fresh))
+        return confine(probability, previous, fresh, clicks, self.spacing_mm)[0]

@@ -217,6 +217,22 @@ def test_a_click_in_new_territory_adds_no_tumour_that_nobody_asked_for(
     assert int(_original(still_client, sid).sum()) == 32 * 32 * (96 - 35) - 1
 
 
+def test_a_not_tumour_click_deep_inside_an_object_removes_it_and_a_tumour_click_asks_for_it_again(
+    still_client: TestClient, scan_files: dict[str, tuple[str, bytes]]
+) -> None:
+    # the networks say tumour everywhere; the first window (CT z 64..95) is one object, all tumour
+    sid = _create(still_client, scan_files)["id"]
+    removed = _click(still_client, sid, "background", 80.0)  # in its middle
+    assert removed["window"]["offset"] == [0, 0, 0] and not decode_mask(removed["mask"]).any()
+    assert removed["summary"]["voxels"] == 0 and not _original(still_client, sid).any()
+    asked = _click(still_client, sid, "foreground", 70.0)
+    mask = decode_mask(asked["mask"])
+    assert int(mask.sum()) == 32**3 - 1 and not mask[16, 16, 16]  # all of it but the "not tumour" voxel
+    # an object holding a "tumour" click is not removed by a "not tumour" click inside it
+    kept = _click(still_client, sid, "background", 85.0)
+    assert int(decode_mask(kept["mask"]).sum()) == 32**3 - 2
+
+
 def test_a_window_a_click_moves_to_keeps_the_session_mask_the_click_does_not_touch(moving_client: TestClient) -> None:
     # a CT a window and a half long in x; the first window (x 0..31) is all tumour (the initial stage)
     rng = np.random.default_rng(5)

@@ -234,7 +234,7 @@ def test_the_guarantee_honours_every_click_and_feeds_the_memory(truth: np.ndarra
     alone = interaction_curve(Ignoring(shifted), _case(truth), np.random.default_rng(2), 6)
     assert alone.foreground_honoured[-1] + alone.background_honoured[-1] < len(alone.clicks)
     painter = TruthPainter(shifted, radius=0)  # records what it is given
-    guaranteed = Guaranteed(painter, honour_radius_voxels(GRID.spacing_mm))
+    guaranteed = Guaranteed(painter, honour_radius_voxels(GRID.spacing_mm), GRID.spacing_mm)
     curve = interaction_curve(guaranteed, _case(truth), np.random.default_rng(2), 6)
     for k in range(1, len(curve.clicks) + 1):
         assert curve.foreground_honoured[k] == curve.clicks_so_far("foreground")[k]
@@ -255,7 +255,7 @@ class Redrawing(Ignoring):
 def test_behind_the_service_rules_a_click_changes_only_the_object_it_touches(truth: np.ndarray) -> None:
     # the initial mask is the truth plus a small false blob far from it; the networks redraw everything
     blob = _ball((3, 3, 16), 1)
-    guaranteed = Guaranteed(Redrawing(truth | blob), honour_radius_voxels(GRID.spacing_mm))
+    guaranteed = Guaranteed(Redrawing(truth | blob), honour_radius_voxels(GRID.spacing_mm), GRID.spacing_mm)
     initial = guaranteed.initial_probability(np.zeros((2, *SHAPE), dtype=np.float32))
     removed = guaranteed.refine(np.zeros((2, *SHAPE), dtype=np.float32), initial, (Click("background", (3, 3, 16)),))
     # the background click touches the blob: it goes; the tumour it does not touch stays; the corner blob the
@@ -277,7 +277,7 @@ def test_no_op_result_by_hand() -> None:
     assert blotted is not None and blotted.click == still.click
     assert (blotted.dsc_before, blotted.voxels_before, blotted.voxels_after) == (1.0, 7, 14)
     assert blotted.dsc_after == pytest.approx(2 * 7 / (7 + 14)) and blotted.changed_voxels == 7
-    guaranteed = no_op_result(Guaranteed(Blotting(corner), 1.75), case, corner.astype(np.float32))
+    guaranteed = no_op_result(Guaranteed(Blotting(corner), 1.75, GRID.spacing_mm), case, corner.astype(np.float32))
     assert guaranteed is not None and guaranteed.delta_voxels == 0  # the background click's ball wins
     assert no_op_result(Ignoring(truth := _ball((10, 10, 10), 9)), _case(truth), truth.astype(np.float32)) is None
 
