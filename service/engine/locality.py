@@ -1,4 +1,4 @@
-"""What a click may change: the objects it touches; "not tumour" only removes, and deep inside an object, all of it.
+"""What a click may change: the objects it touches; "not tumour" only removes, and in an object's core, all of it.
 
 The interaction contract (DESIGN.md) says what is right stays right and what changes is near
 the clicks. The networks redraw their whole window on every pass: after a click on the
@@ -17,12 +17,14 @@ anew. So the service keeps of each click pass only what the request's clicks ask
   a tumour far from the clicks is not redrawn.
 - **"Not tumour" only removes.** When every new click of the request is a background click,
   the probability nowhere rises above the session's: a background click never adds tumour.
-- **"Not tumour" deep inside an object removes the object.** A new background click at
-  least ``DISMISS_DEPTH_MM`` inside an object of the session's mask (its distance to the
-  mask's edge), where that object holds no foreground click so far, removes the whole
-  object (in the pass's window): a click in the middle of a false-positive blob says the
-  blob is not tumour, while a click on a rim (closer to the edge) says where the edge is,
-  and the networks move it. The networks alone remove a few voxels around such a click.
+- **"Not tumour" in the core of an object removes the object.** A new background click in
+  the core of an object of the session's mask (at least ``DISMISS_DEPTH_MM`` from the
+  mask's edge, and at least ``CORE_SHARE`` of the depth of the object's deepest voxel),
+  where that object holds no foreground click so far, removes the whole object (in the
+  pass's window): a click in the middle of a false-positive blob says the blob is not
+  tumour, while a click on a rim, even a false-positive margin two voxels thick around a
+  tumour, says where the edge is, and the networks move it. The networks alone remove a
+  few voxels around such a click.
 
 A click on a voxel that is background in both masks (a "not tumour" click where there is
 none) touches no object and changes nothing. The click guarantee
@@ -42,6 +44,7 @@ from service.engine.windows import inside
 from service.store.contract import Click
 
 DISMISS_DEPTH_MM = 4.0
+CORE_SHARE = 0.5
 _NEIGHBOURS = np.ones((3, 3, 3), dtype=bool)
 
 
@@ -80,8 +83,9 @@ def touched_objects(probability: np.ndarray, earlier: np.ndarray, new_clicks: Se
 
 def dismissed_objects(earlier: np.ndarray, new_clicks: Sequence[Click], clicks: Sequence[Click],
                       spacing_mm: float) -> np.ndarray:
-    """The objects of the session's mask (``earlier`` > 0.5) that a new background click lies at least
-    ``DISMISS_DEPTH_MM`` inside and that hold no foreground click of ``clicks``."""
+    """The objects of the session's mask (``earlier`` > 0.5) that hold no foreground click of ``clicks`` and
+    whose core holds a new background click: at least ``DISMISS_DEPTH_MM`` from the mask's edge and at least
+    ``CORE_SHARE`` of the depth of the object's deepest voxel."""
     mask = earlier > 0.5
     deep = [c for c in inside(new_clicks, mask.shape) if c.label == "background" and mask[c.voxel]]
     if not deep:
@@ -90,8 +94,10 @@ def dismissed_objects(earlier: np.ndarray, new_clicks: Sequence[Click], clicks: 
     depth = ndimage.distance_transform_edt(mask) * spacing_mm if not mask.all() else np.full(mask.shape, np.inf)
     objects, count = ndimage.label(mask, structure=_NEIGHBOURS)
     dismissed = np.zeros(count + 1, dtype=bool)
+    deepest = np.concatenate([[0.0], ndimage.maximum(depth, objects, np.arange(1, count + 1))])
     for click in deep:
-        dismissed[objects[click.voxel]] |= bool(depth[click.voxel] >= DISMISS_DEPTH_MM)
+        label = objects[click.voxel]
+        dismissed[label] |= bool(depth[click.voxel] >= max(DISMISS_DEPTH_MM, CORE_SHARE * deepest[label]))
     for click in inside(clicks, mask.shape):
         if click.label == "foreground":
             dismissed[objects[click.voxel]] = False

@@ -28,8 +28,8 @@ The rules:
   that touches; where both faces of an axis touch, towards the face with more mask
   voxels), with at most ``border_passes`` such passes per job. The extension is kept
   *under* the window it extends, so the window the user's click chose stays on top.
-- **What a pass keeps.** A click pass keeps only the objects its clicks touch, and a request
-  of "not tumour" clicks only removes (:mod:`service.engine.locality`): a window moved to a
+- **What a pass keeps.** A click pass keeps only the objects its clicks touch, and "not
+  tumour" only removes (:mod:`service.engine.locality`): a window moved to a
   click near its edge, which sees the session's mask at another place in its field of view,
   does not redraw it there, and territory it reaches for the first time gains no tumour
   that no click asked for.

@@ -12,7 +12,7 @@ A job runs its passes in the session's working windows (:mod:`service.engine.win
 which window a click uses, the memory where no window reached yet, the border rule) and
 stores only the windows it computed. The click guarantee (:mod:`service.engine.guarantee`)
 is applied to every pass before its probability is stored, unless ``honour_clicks`` is off
-(research and evaluation); then a click pass keeps only what its clicks may change
+(research and evaluation). After it, every click pass keeps only what its clicks may change
 (:mod:`service.engine.locality`: the objects they touch; "not tumour" only removes, and deep
 inside an object removes all of it).
 """
@@ -258,7 +258,7 @@ class Worker:
             targets = windows.plan(job.new_clicks, [w.offset for w in base.windows], lattice.shape, extent)
             parent = job.base_version
         canvas = Canvas(base_windows, lattice.shape, lambda ref: self._stored_window(job.session_id, ref))
-        changed = Canvas((), lattice.shape, canvas.probability)  # holds only what this job's passes add
+        changed = Canvas((), lattice.shape, canvas.probability)  # only windows this job computes: nothing to load
         run = _JobRun(job, version, lattice, extent, canvas, clicks, self.border_passes, changed)
         for n, offset in enumerate(targets):
             current = self._pass(run, offset, name=BLOB_PROBABILITY if n == len(targets) - 1 else f"{BLOB_PROBABILITY}.{n}")

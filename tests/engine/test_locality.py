@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.engine.locality import DISMISS_DEPTH_MM, confine, dismissed_objects, touched_objects
+from service.engine.locality import CORE_SHARE, DISMISS_DEPTH_MM, confine, dismissed_objects, touched_objects
 from service.store.contract import Click
 
 SHAPE = (12, 12, 12)
@@ -64,7 +64,7 @@ def test_a_request_of_background_clicks_only_removes() -> None:
                        0.9)
 
 
-def test_a_background_click_deep_inside_an_object_without_a_foreground_click_removes_it() -> None:
+def test_a_background_click_in_the_core_of_an_object_without_a_foreground_click_removes_it() -> None:
     earlier = np.zeros((16, 16, 16), dtype=np.float32)
     earlier[1:8, 1:8, 1:8] = 1.0  # the tumour, 7 voxels across: its centre is 4 voxels (8 mm) from its edge
     earlier[9:16, 9:16, 1:8] = 1.0  # a blob of the same size
@@ -85,3 +85,13 @@ def test_a_background_click_deep_inside_an_object_without_a_foreground_click_rem
     assert not dismissed_objects(earlier, confirmed, confirmed, SPACING_MM).any()
     # only new clicks count: the same click again in a later request, on a mask that no longer has it, does nothing
     assert not dismissed_objects(result, [centre], [centre, centre], SPACING_MM).any()
+
+
+def test_a_background_click_in_a_thick_margin_around_a_large_object_leaves_it_to_the_networks() -> None:
+    earlier = np.zeros((16, 16, 16), dtype=np.float32)
+    earlier[2:13, 2:13, 2:13] = 1.0  # a tumour with a false-positive margin: 11 voxels across, 6 deep (12 mm)
+    in_margin = Click("background", (3, 7, 7))  # two voxels (4 mm) from the edge: deep enough, but not its core
+    assert 2 * SPACING_MM >= DISMISS_DEPTH_MM and 2 < CORE_SHARE * 6
+    assert not dismissed_objects(earlier, [in_margin], [in_margin], SPACING_MM).any()
+    in_core = Click("background", (5, 7, 7))  # four voxels deep: its core
+    assert dismissed_objects(earlier, [in_core], [in_core], SPACING_MM).sum() == 11**3
