@@ -13,8 +13,8 @@ which window a click uses, the memory where no window reached yet, the border ru
 stores only the windows it computed. The click guarantee (:mod:`service.engine.guarantee`)
 is applied to every pass before its probability is stored, unless ``honour_clicks`` is off
 (research and evaluation). After it, every click pass keeps only what its clicks may change
-(:mod:`service.engine.locality`: the objects they touch; "not tumour" only removes, and deep
-inside an object removes all of it).
+(:mod:`service.engine.locality`: the objects they touch; "not tumour" only removes, and in an
+object's core removes all of it).
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ class EvaluationConfig:
             "guarantee": self.guarantee,
             "guarantee_rule": (f"the service's click rules: probability set to each click's label {honour_rule()}, "
                                "and changed only in the objects the new click touches (a background click only "
-                               "removing, and removing a whole object it lies deep inside), after every pass, before "
+                               "removing, and removing a whole object from its core), after every pass, before "
                                "thresholding and before it becomes the next memory"),
             "local_effect_radius_mm": LOCAL_EFFECT_RADIUS_MM,
             "no_op_rule": (f"one background click per case after the initial mask: of the voxels above "
