@@ -84,22 +84,24 @@ def touched_objects(probability: np.ndarray, earlier: np.ndarray, new_clicks: Se
 def dismissed_objects(earlier: np.ndarray, new_clicks: Sequence[Click], clicks: Sequence[Click],
                       spacing_mm: float) -> np.ndarray:
     """The objects of the session's mask (``earlier`` > 0.5) that hold no foreground click of ``clicks`` and
-    whose core holds a new background click: at least ``DISMISS_DEPTH_MM`` from the mask's edge and at least
-    ``CORE_SHARE`` of the depth of the object's deepest voxel."""
+    whose core holds a new background click: at least ``DISMISS_DEPTH_MM`` from the object's edge and at least
+    ``CORE_SHARE`` of the depth of its deepest voxel (depths within the window: its faces are no edge)."""
     mask = earlier > 0.5
     deep = [c for c in inside(new_clicks, mask.shape) if c.label == "background" and mask[c.voxel]]
     if not deep:
         return np.zeros(mask.shape, dtype=bool)
-    # the distance to the nearest voxel outside the mask in the window (the window's faces are no edge)
-    depth = ndimage.distance_transform_edt(mask) * spacing_mm if not mask.all() else np.full(mask.shape, np.inf)
     objects, count = ndimage.label(mask, structure=_NEIGHBOURS)
     dismissed = np.zeros(count + 1, dtype=bool)
-    deepest = np.concatenate([[0.0], ndimage.maximum(depth, objects, np.arange(1, count + 1))])
+    confirmed = {int(objects[c.voxel]) for c in inside(clicks, mask.shape) if c.label == "foreground"}
+    boxes = ndimage.find_objects(objects)
     for click in deep:
-        label = objects[click.voxel]
-        dismissed[label] |= bool(depth[click.voxel] >= max(DISMISS_DEPTH_MM, CORE_SHARE * deepest[label]))
-    for click in inside(clicks, mask.shape):
-        if click.label == "foreground":
-            dismissed[objects[click.voxel]] = False
+        label = int(objects[click.voxel])
+        if label in confirmed or dismissed[label]:
+            continue
+        box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(boxes[label - 1], mask.shape))
+        own = objects[box] == label  # the object and a margin of one voxel, where the window allows
+        depth = ndimage.distance_transform_edt(own) * spacing_mm if not own.all() else np.full(own.shape, np.inf)
+        at = tuple(v - s.start for v, s in zip(click.voxel, box))
+        dismissed[label] = bool(depth[at] >= max(DISMISS_DEPTH_MM, CORE_SHARE * float(depth.max())))
     dismissed[0] = False
     return dismissed[objects]

@@ -217,7 +217,7 @@ def test_a_click_in_new_territory_adds_no_tumour_that_nobody_asked_for(
     assert int(_original(still_client, sid).sum()) == 32 * 32 * (96 - 35) - 1
 
 
-def test_a_not_tumour_click_deep_inside_an_object_removes_it_and_a_tumour_click_asks_for_it_again(
+def test_a_not_tumour_click_in_the_core_of_an_object_removes_it_and_a_tumour_click_asks_for_it_again(
     still_client: TestClient, scan_files: dict[str, tuple[str, bytes]]
 ) -> None:
     # the networks say tumour everywhere; the first window (CT z 64..95) is one object, all tumour
