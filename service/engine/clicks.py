@@ -97,3 +97,9 @@ def click_balls(clicks: Sequence[Click], shape: Sequence[int], radius_voxels: fl
         distance2 = sum((axis - int(c)) ** 2 for axis, c in zip(axes, click.voxel))
         balls[box] |= distance2 <= radius_voxels**2
     return balls
+
+
+def new_clicks_of(clicks: Sequence[Click], new_clicks: int | None) -> Sequence[Click]:
+    """The trailing ``new_clicks`` of ``clicks`` (the ones a pass's memory does not reflect yet); all of
+    them when ``new_clicks`` is None or out of range."""
+    return clicks if new_clicks is None or not 0 < new_clicks <= len(clicks) else clicks[-new_clicks:]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from service.engine.checkpoints import LoadedCheckpoint
-from service.engine.clicks import click_maps
+from service.engine.clicks import click_maps, new_clicks_of
 from service.engine.fastpath import (
     DEFAULT_REFINE_MARGIN,
     Window,
@@ -210,5 +210,4 @@ class Engine:
     def _window(self, clicks: Sequence[Click], new_clicks: int | None, shape: Sequence[int]) -> Window | None:
         if self.window_plan is None or not clicks:
             return None
-        recent = clicks if new_clicks is None or not 0 < new_clicks <= len(clicks) else clicks[-new_clicks:]
-        return self.window_plan.around((c.voxel for c in recent), shape)
+        return self.window_plan.around((c.voxel for c in new_clicks_of(clicks, new_clicks)), shape)

@@ -311,17 +311,16 @@ class Worker:
             radius = honour_radius_voxels(run.lattice.spacing_mm)
             probability = honour_clicks(probability, clicks, radius)
             votes = votes_after_clicks(votes, result_pass.members, clicks, radius)
+        ref = WindowRef(offset, run.version, name)
         if run.job.kind != "initial":  # what the request's clicks may change (service.engine.locality)
             reached = run.changed.compose(offset, grid.shape)[0] > 0.5 if run.changed.windows else None
             drawn = probability > 0.5
             probability, changed = confine(probability, earlier, windows.local_clicks(run.job.new_clicks, offset),
                                            clicks, run.lattice.spacing_mm, reached=reached)
             votes = votes_for_mask(votes, result_pass.members, drawn, probability > 0.5)
-        blob, stored = stored_probability(probability)
-        ref = WindowRef(offset, run.version, name)
-        run.canvas.add(ref, stored, under=under)
-        if run.job.kind != "initial":
             run.changed.add(ref, changed.astype(np.float32))
+        blob, stored = stored_probability(probability)
+        run.canvas.add(ref, stored, under=under)
         run.blobs[name] = blob
         if under is None:  # the window the version shows
             run.blobs[BLOB_MASK] = mask_blob(stored > 0.5)

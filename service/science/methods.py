@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from service.engine.checkpoints import LoadedCheckpoint
-from service.engine.clicks import click_maps
+from service.engine.clicks import click_maps, new_clicks_of
 from service.engine.ensemble import Engine, Ensemble
 from service.engine.fastpath import autocast_dtype
 from service.engine.guarantee import honour_clicks
@@ -106,5 +106,4 @@ class Guaranteed:
     ) -> np.ndarray:
         probability = self.segmenter.refine(images, previous, clicks, new_clicks=new_clicks)
         probability = honour_clicks(probability, clicks, self.radius_voxels)
-        fresh = clicks[-new_clicks:] if new_clicks is not None and 0 < new_clicks <= len(clicks) else clicks
-        return confine(probability, previous, fresh, clicks, self.spacing_mm)[0]
+        return confine(probability, previous, new_clicks_of(clicks, new_clicks), clicks, self.spacing_mm)[0]
