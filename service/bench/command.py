@@ -125,6 +125,7 @@ def measure(args: argparse.Namespace, device: torch.device, scratch: Path) -> di
             "grid": list(checkpoint.grid_shape),
             "spacing_mm": checkpoint.spacing_mm,
             "click_sigma_voxels": checkpoint.click_sigma_voxels,
+            "click_overlap": checkpoint.click_overlap,
             "repeats": args.repeats,
             "clicks": args.clicks,
             "clicks_made": len(clicks),
@@ -134,7 +135,8 @@ def measure(args: argparse.Namespace, device: torch.device, scratch: Path) -> di
             "phantom": {"case": prepared.id, "seed": args.seed, "gtvt_voxels": int(prepared.truth.sum())},
         },
         "engine": engine_report,
-        "click_maps": bench_click_maps(clicks, checkpoint.grid_shape, checkpoint.click_sigma_voxels, args.repeats),
+        "click_maps": bench_click_maps(clicks, checkpoint.grid_shape, checkpoint.click_sigma_voxels,
+                                       checkpoint.click_overlap, args.repeats),
         "codec": bench_codec(prepared.images, versions, args.repeats),
         "memory": {"bench_peak_rss_mib": peak_rss_mib()},
     }

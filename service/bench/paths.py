@@ -55,7 +55,7 @@ class NaiveBaseline:
 
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device) -> None:
         self.device = device
-        self.sigma = checkpoint.click_sigma_voxels
+        self.encoding = checkpoint.click_sigma_voxels, checkpoint.click_overlap
         self.initial = [m.to(device) for m in checkpoint.stages["initial"]]
         self.refinement = [m.to(device) for m in checkpoint.stages["refinement"]]
 
@@ -71,7 +71,7 @@ class NaiveBaseline:
     def refine(
         self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None
     ) -> np.ndarray:
-        guidance = reference_click_maps(clicks, previous.shape, self.sigma)
+        guidance = reference_click_maps(clicks, previous.shape, *self.encoding)
         return self._mean_sigmoid(self.refinement, np.concatenate([images, previous[None], guidance], axis=0))
 
 
@@ -211,12 +211,14 @@ def bench_engine(
     return report, made, reference
 
 
-def bench_click_maps(clicks: Sequence[Click], shape: Sequence[int], sigma: float, repeats: int) -> dict[str, Any]:
+def bench_click_maps(
+    clicks: Sequence[Click], shape: Sequence[int], sigma: float, overlap: str, repeats: int
+) -> dict[str, Any]:
     """MONAI's whole-volume Gaussian filtering against ball-by-ball click maps."""
     if not clicks:
         return {"clicks": 0}
-    monai_times, monai = timed(lambda: reference_click_maps(clicks, shape, sigma), repeats)
-    local_times, local = timed(lambda: click_maps(clicks, shape, sigma), repeats)
+    monai_times, monai = timed(lambda: reference_click_maps(clicks, shape, sigma, overlap), repeats)
+    local_times, local = timed(lambda: click_maps(clicks, shape, sigma, overlap), repeats)
     return {
         "clicks": len(clicks),
         "monai": summary_ms(monai_times),

@@ -122,6 +122,7 @@ def _inference(checkpoint: LoadedCheckpoint, files: dict[str, list[str]]) -> dic
         "grid_shape": list(checkpoint.grid_shape),
         "spacing_mm": checkpoint.spacing_mm,
         "click_sigma_voxels": checkpoint.click_sigma_voxels,
+        "click_overlap": checkpoint.click_overlap,
     }
     if "refinement" in files:
         config["refinement_network_def"] = _network_def(STAGE_CHANNELS["refinement"], checkpoint.architecture)
@@ -156,7 +157,8 @@ CT and PET resampled by their affines onto one grid around the region of interes
 {channels}
 
 The initial stage takes channels 0-1; the refinement stage takes 0-4, with all clicks so far
-(sigma {checkpoint.click_sigma_voxels:g} voxels, as MONAI's DeepGrow `AddGuidanceSignald`).{_zero_click_text(checkpoint)}
+(sigma {checkpoint.click_sigma_voxels:g} voxels, as MONAI's DeepGrow `AddGuidanceSignald`{_overlap_text(checkpoint)}).\
+{_zero_click_text(checkpoint)}
 
 ## Output
 Each member gives one logit channel; the stage's probability is the mean of the members'
@@ -183,6 +185,13 @@ This command turns the bundle back into a checkpoint directory for `ICR_WEIGHTS=
 """
 
 
+def _overlap_text(checkpoint: LoadedCheckpoint) -> str:
+    if checkpoint.click_overlap == "sum":
+        return ""
+    return (", except that where two clicks' Gaussians overlap the larger is kept instead of their sum, "
+            "so every click peaks at 1 after scaling: `click_overlap` \"max\" in `configs/inference.json`")
+
+
 def _zero_click_text(checkpoint: LoadedCheckpoint) -> str:
     passes = checkpoint.zero_click_passes
     if not passes:
@@ -200,6 +209,7 @@ def _import_command(checkpoint: LoadedCheckpoint, files: dict[str, list[str]]) -
             f"--strides {','.join(map(str, architecture.strides))} --res-units {architecture.num_res_units} "
             f"--grid {','.join(map(str, checkpoint.grid_shape))} --spacing {checkpoint.spacing_mm:g} "
             f"--click-sigma {checkpoint.click_sigma_voxels:g}"
+            + (f" --click-overlap {checkpoint.click_overlap}" if checkpoint.click_overlap != "sum" else "")
             + (f" --zero-click-passes {checkpoint.zero_click_passes}" if checkpoint.zero_click_passes else ""))
 
 

@@ -8,6 +8,7 @@
       "architecture": {"channels": [...], "strides": [...], "num_res_units": 2},
       "grid": {"shape": [144, 144, 144], "spacing_mm": 1.0},
       "click_sigma_voxels": 3.0,
+      "click_overlap": "max",
       "zero_click_passes": 1,
       "stages": {
         "initial":    {"in_channels": 2, "members": [{"file": "initial-0.pt", "sha256": "..."}, ...]},
@@ -15,6 +16,9 @@
       },
       "description": "free text: data, training command"
     }
+
+``click_overlap`` (absent: "sum", MONAI DeepEdit's guidance signal) is how overlapping click
+balls of one sign combine in the click maps (:func:`service.engine.clicks.click_maps`).
 
 ``zero_click_passes`` (2S-ICR only; absent: 0, the paper's method) is how many refinement
 passes with no clicks follow the initial ensemble to make a session's first mask and first
@@ -47,7 +51,7 @@ from typing import Any
 import torch
 from monai.networks.nets import UNet
 
-from service.engine.clicks import DEFAULT_SIGMA_VOXELS
+from service.engine.clicks import CLICK_OVERLAPS, DEFAULT_SIGMA_VOXELS
 from service.engine.networks import (
     INITIAL_CHANNELS,
     INTERACTIVE_CHANNELS,
@@ -85,6 +89,7 @@ class LoadedCheckpoint:
     digest: str  # sha256 of the manifest: identifies the weights a worker serves
     description: str
     zero_click_passes: int = 0  # refinement passes with no clicks that make the first mask (2S-ICR)
+    click_overlap: str = "sum"  # how overlapping click balls of one sign combine (clicks.CLICK_OVERLAPS)
 
 
 def sha256_file(path: Path) -> str:
@@ -112,6 +117,7 @@ def write_checkpoint(
     grid_shape: tuple[int, int, int],
     spacing_mm: float = 1.0,
     click_sigma_voxels: float = DEFAULT_SIGMA_VOXELS,
+    click_overlap: str = "sum",
     zero_click_passes: int = 0,
     description: str = "",
     dtype: torch.dtype = torch.float32,
@@ -126,6 +132,8 @@ def write_checkpoint(
     if zero_click_passes and method != "2s-icr" or not 0 <= zero_click_passes <= MAX_ZERO_CLICK_PASSES:
         raise ValueError(f"zero_click_passes must be 0-{MAX_ZERO_CLICK_PASSES}, and 0 unless the method is 2s-icr; "
                          f"got {zero_click_passes} for {method}")
+    if click_overlap not in CLICK_OVERLAPS:
+        raise ValueError(f"click_overlap must be one of {', '.join(CLICK_OVERLAPS)}, got {click_overlap!r}")
     directory.mkdir(parents=True, exist_ok=True)
     manifest_stages: dict[str, Any] = {}
     for stage, members in stages.items():
@@ -143,6 +151,7 @@ def write_checkpoint(
         "architecture": architecture.to_dict(),
         "grid": {"shape": list(grid_shape), "spacing_mm": spacing_mm},
         "click_sigma_voxels": click_sigma_voxels,
+        "click_overlap": click_overlap,
         **({"zero_click_passes": zero_click_passes} if method == "2s-icr" else {}),
         "stages": manifest_stages,
         "description": description,
@@ -200,6 +209,7 @@ def load_checkpoint(directory: Path | str, *, method: str | tuple[str, ...] | No
         spacing = float(manifest["grid"]["spacing_mm"])
         sigma = float(manifest.get("click_sigma_voxels", DEFAULT_SIGMA_VOXELS))
         zero_click_passes = manifest.get("zero_click_passes", 0)
+        overlap = manifest.get("click_overlap", "sum")
         stage_entries = {stage: manifest["stages"][stage] for stage in METHOD_STAGES[found]}
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{directory / MANIFEST} lacks a valid field: {error}") from error
@@ -209,6 +219,9 @@ def load_checkpoint(directory: Path | str, *, method: str | tuple[str, ...] | No
             zero_click_passes and found != "2s-icr"):
         raise CheckpointError(f"{directory / MANIFEST}: zero_click_passes must be an integer 0-{MAX_ZERO_CLICK_PASSES} "
                               f"(and 0 unless the method is 2s-icr), got {zero_click_passes!r}")
+    if overlap not in CLICK_OVERLAPS:
+        raise CheckpointError(f"{directory / MANIFEST}: click_overlap must be one of {', '.join(CLICK_OVERLAPS)}, "
+                              f"got {overlap!r}")
     stages: dict[str, list[UNet]] = {}
     for stage, entry in stage_entries.items():
         if entry.get("in_channels") != STAGE_CHANNELS[stage]:
@@ -223,6 +236,7 @@ def load_checkpoint(directory: Path | str, *, method: str | tuple[str, ...] | No
         grid_shape=(shape[0], shape[1], shape[2]),
         spacing_mm=spacing,
         click_sigma_voxels=sigma,
+        click_overlap=overlap,
         zero_click_passes=zero_click_passes,
         stages=stages,
         digest=digest,

@@ -6,6 +6,13 @@ kernel, zero padding) and per-channel min-max scaling to [0, 1]; a sign without
 clicks stays 0. The default sigma is DeepEdit's (3 voxels = 3 mm on the 1 mm working
 grid); the checkpoint manifest records the sigma a model was trained with.
 
+Where the balls of two clicks of one sign overlap, DeepEdit adds them (``overlap``
+"sum"), and the scaling then divides every click of that sign by the highest sum: a
+cluster of clicks dims every other click of its sign (three clicks within a voxel or two
+of each other leave a lone click at about a third). "max" takes the larger ball instead, so
+every click peaks at 1 however many others there are; a single click's map is the same
+either way. The checkpoint manifest records which a model uses (``click_overlap``).
+
 :func:`click_maps` computes exactly that without filtering the whole volume: the
 filter of a one-voxel delta is the outer product of MONAI's 1-D kernel, so each click
 adds a small ball (milliseconds instead of about 0.7 s on a 144^3 grid).
@@ -26,6 +33,7 @@ from service.store.contract import Click
 
 DEFAULT_SIGMA_VOXELS = 3.0
 SIGNS = ("foreground", "background")
+CLICK_OVERLAPS = ("sum", "max")  # how overlapping click balls of one sign combine; "sum" is DeepEdit's
 GAUSSIAN_TRUNCATION = 4.0  # MONAI GaussianFilter's default, in sigmas
 
 
@@ -34,8 +42,9 @@ def click_kernel(sigma: float) -> np.ndarray:
     return gaussian_1d(torch.tensor(float(sigma)), truncated=GAUSSIAN_TRUNCATION, approx="erf").numpy()
 
 
-def _add_ball(signal: np.ndarray, voxel: Sequence[int], kernel: np.ndarray) -> None:
-    """Add the kernel's outer product centred on ``voxel``, clipped to the volume (zero padding)."""
+def _add_ball(signal: np.ndarray, voxel: Sequence[int], kernel: np.ndarray, overlap: str) -> None:
+    """Add (or, with ``overlap`` "max", take the maximum with) the kernel's outer product centred on
+    ``voxel``, clipped to the volume (zero padding)."""
     tail = kernel.size // 2
     target: list[slice] = []
     factors: list[np.ndarray] = []
@@ -43,11 +52,24 @@ def _add_ball(signal: np.ndarray, voxel: Sequence[int], kernel: np.ndarray) -> N
         low, high = max(centre - tail, 0), min(centre + tail + 1, size)
         target.append(slice(low, high))
         factors.append(kernel[low - centre + tail : high - centre + tail])
-    signal[tuple(target)] += factors[0][:, None, None] * factors[1][None, :, None] * factors[2][None, None, :]
+    ball = factors[0][:, None, None] * factors[1][None, :, None] * factors[2][None, None, :]
+    region = signal[tuple(target)]
+    if overlap == "max":
+        np.maximum(region, ball, out=region)
+    else:
+        region += ball
 
 
-def click_maps(clicks: Sequence[Click], shape: Sequence[int], sigma: float = DEFAULT_SIGMA_VOXELS) -> np.ndarray:
+def _check_overlap(overlap: str) -> None:
+    if overlap not in CLICK_OVERLAPS:
+        raise ValueError(f"click overlap must be one of {', '.join(CLICK_OVERLAPS)}, not {overlap!r}")
+
+
+def click_maps(
+    clicks: Sequence[Click], shape: Sequence[int], sigma: float = DEFAULT_SIGMA_VOXELS, overlap: str = "sum"
+) -> np.ndarray:
     """(2, *shape) float32: positive-click map, negative-click map."""
+    _check_overlap(overlap)
     kernel = click_kernel(sigma)
     out = np.zeros((len(SIGNS), *shape), dtype=np.float32)
     for channel, sign in enumerate(SIGNS):
@@ -56,7 +78,7 @@ def click_maps(clicks: Sequence[Click], shape: Sequence[int], sigma: float = DEF
             continue
         signal = out[channel]
         for voxel in sorted(voxels):
-            _add_ball(signal, voxel, kernel)
+            _add_ball(signal, voxel, kernel, overlap)
         low, high = float(signal.min()), float(signal.max())
         signal -= low
         signal /= high - low
@@ -64,19 +86,22 @@ def click_maps(clicks: Sequence[Click], shape: Sequence[int], sigma: float = DEF
 
 
 def reference_click_maps(
-    clicks: Sequence[Click], shape: Sequence[int], sigma: float = DEFAULT_SIGMA_VOXELS
+    clicks: Sequence[Click], shape: Sequence[int], sigma: float = DEFAULT_SIGMA_VOXELS, overlap: str = "sum"
 ) -> np.ndarray:
-    """The same maps through MONAI's GaussianFilter over the whole volume."""
-    maps = torch.zeros((2, 1, *shape), dtype=torch.float32)
-    for click in clicks:
-        maps[SIGNS.index(click.label), 0][tuple(click.voxel)] = 1.0
+    """The same maps through MONAI's GaussianFilter over the whole volume (with ``overlap`` "max",
+    once per click, keeping the maximum)."""
+    _check_overlap(overlap)
     smooth = GaussianFilter(3, sigma=sigma)
     out = np.zeros((2, *shape), dtype=np.float32)
     with torch.no_grad():
-        for channel in range(2):
-            if maps[channel].max() <= 0:
+        for channel, sign in enumerate(SIGNS):
+            voxels = sorted({tuple(int(v) for v in c.voxel) for c in clicks if c.label == sign})
+            if not voxels:
                 continue
-            signal = smooth(maps[channel : channel + 1])[0, 0].numpy()
+            deltas = torch.zeros((len(voxels) if overlap == "max" else 1, 1, *shape), dtype=torch.float32)
+            for index, voxel in enumerate(voxels):
+                deltas[index if overlap == "max" else 0, 0][voxel] = 1.0
+            signal = smooth(deltas).amax(dim=0)[0].numpy()
             low, high = float(signal.min()), float(signal.max())
             out[channel] = (signal - low) / (high - low)
     return out

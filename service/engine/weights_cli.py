@@ -12,7 +12,7 @@ from pathlib import Path
 
 from service.argtypes import int_between
 from service.engine.checkpoints import MAX_ZERO_CLICK_PASSES, CheckpointError
-from service.engine.clicks import DEFAULT_SIGMA_VOXELS
+from service.engine.clicks import CLICK_OVERLAPS, DEFAULT_SIGMA_VOXELS
 from service.engine.networks import PAPER_ARCHITECTURE, Architecture
 from service.engine.weights_import import PAPER_GRID, ImportPlan, import_weights
 
@@ -49,7 +49,7 @@ def _import(args: argparse.Namespace) -> int:
     plan = ImportPlan(
         source=args.source, initial=args.initial, refinement=args.refinement, architecture=architecture,
         grid_shape=args.grid, spacing_mm=args.spacing, click_sigma_voxels=args.click_sigma,
-        zero_click_passes=args.zero_click_passes, description=args.description,
+        click_overlap=args.click_overlap, zero_click_passes=args.zero_click_passes, description=args.description,
     )
     try:
         manifest = import_weights(plan, args.out)
@@ -119,6 +119,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     imp.add_argument("--spacing", type=float, default=1.0, help="isotropic grid spacing, mm (default 1)")
     imp.add_argument("--click-sigma", type=float, default=DEFAULT_SIGMA_VOXELS,
                      help=f"click Gaussian sigma, voxels, as in training (default {DEFAULT_SIGMA_VOXELS:g})")
+    imp.add_argument("--click-overlap", choices=CLICK_OVERLAPS, default="sum",
+                     help="how overlapping click balls of one sign combine, as in training (default sum, MONAI "
+                     "DeepEdit's; max: every click peaks at 1)")
     imp.add_argument("--zero-click-passes", type=int_between(0, MAX_ZERO_CLICK_PASSES), default=0,
                      help="refinement passes with no clicks after the initial ensemble, as the members were "
                      "trained and validated (default 0, the paper's method)")

@@ -54,6 +54,7 @@ class ImportPlan:
     grid_shape: tuple[int, int, int] = PAPER_GRID
     spacing_mm: float = 1.0
     click_sigma_voxels: float = DEFAULT_SIGMA_VOXELS
+    click_overlap: str = "sum"
     zero_click_passes: int = 0
     description: str = ""
 
@@ -296,7 +297,7 @@ def import_weights(plan: ImportPlan, out: Path) -> Path:
     with staged_directory(out) as staging:
         write_checkpoint(staging, stages, method=method, architecture=plan.architecture,
                           grid_shape=plan.grid_shape, spacing_mm=plan.spacing_mm,
-                          click_sigma_voxels=plan.click_sigma_voxels,
+                          click_sigma_voxels=plan.click_sigma_voxels, click_overlap=plan.click_overlap,
                           zero_click_passes=plan.zero_click_passes,
                           description=description)
     return out / "manifest.json"

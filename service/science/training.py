@@ -52,6 +52,7 @@ from service.engine.checkpoints import (
     load_checkpoint,
     write_checkpoint,
 )
+from service.engine.clicks import CLICK_OVERLAPS
 from service.engine.ensemble import resolve_device
 from service.engine.fastpath import AUTOCAST_CHOICES, autocast_dtype
 from service.science.dataset import (
@@ -154,7 +155,8 @@ def train(
     weights = out_dir / "weights"
     write_checkpoint(
         weights, stages, method=method, architecture=config.architecture, grid_shape=config.grid_shape,
-        spacing_mm=config.spacing_mm, click_sigma_voxels=config.click_sigma_voxels, description=description,
+        spacing_mm=config.spacing_mm, click_sigma_voxels=config.click_sigma_voxels, click_overlap=config.click_overlap,
+        description=description,
         zero_click_passes=config.zero_click_passes if method == "2s-icr" else 0, dtype=getattr(torch, config.save_dtype),
     )
     summary = {
@@ -204,7 +206,8 @@ def config_from_arguments(args: argparse.Namespace) -> TrainConfig:
                                    ("keep_loss_weight", args.keep_loss),
                                    ("local_target_mm", args.local_target),
                                    ("no_op_click_chance", args.no_op_clicks),
-                                   ("zero_click_passes", args.zero_click_passes))
+                                   ("zero_click_passes", args.zero_click_passes),
+                                   ("click_overlap", args.click_overlap))
                  if v is not None}
     return replace(config, **overrides)
 
@@ -288,6 +291,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="2s-icr: refinement passes with no clicks that make a session's first mask and memory "
                         f"(0-{MAX_ZERO_CLICK_PASSES}; written into the checkpoint; default 0, the paper's method); each "
                         "training sample starts with as many click-free interactions")
+    parser.add_argument("--click-overlap", choices=CLICK_OVERLAPS,
+                        help="how overlapping click balls of one sign combine in the click maps (written into the "
+                        "checkpoint; default sum, MONAI DeepEdit's; max: every click peaks at 1)")
     parser.add_argument("--autocast", choices=AUTOCAST_CHOICES,
                         help="mixed-precision forward passes (default: the configuration's, off = float32 except "
                         "paper-cpu's auto; bfloat16 on CPUs with bfloat16 instructions is about 2.5x faster; "

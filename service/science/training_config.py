@@ -41,6 +41,7 @@ class TrainConfig:
     p_drop: float = 0.2
     folds: int = 5
     click_sigma_voxels: float = DEFAULT_SIGMA_VOXELS
+    click_overlap: str = "sum"  # how overlapping click balls of one sign combine (clicks.CLICK_OVERLAPS)
     save_dtype: str = "float32"
     # Start every click-taking net (the 2S-ICR refinement net, DeepGrow/DeepEdit) from
     # a trained initial net (extra input channels at zero): it begins by reproducing the

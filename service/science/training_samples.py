@@ -61,6 +61,11 @@ class StageTrainer:
             raise ValueError(f"refinement memory comes from one of {', '.join(MEMORY_SOURCES)}, "
                              f"not {config.refinement_memory!r}")
 
+    @property
+    def encoding(self) -> tuple[float, str]:
+        """The click maps' sigma and overlap (``click_maps``'s last two arguments)."""
+        return self.config.click_sigma_voxels, self.config.click_overlap
+
     def reduced_precision(self) -> torch.autocast:
         """The forward passes' autocast context (a no-op for float32 training)."""
         return torch.autocast(self.device.type, dtype=self.precision, enabled=self.precision is not None)
@@ -137,7 +142,7 @@ class StageTrainer:
             dropped = self.rng.random() < self.config.p_drop
             if dropped:  # mask dropout: no memory this time
                 memory = np.full_like(memory, 0.5)
-            maps = click_maps(clicks, truth.shape, self.config.click_sigma_voxels)
+            maps = click_maps(clicks, truth.shape, *self.encoding)
             inputs = _tensor(np.concatenate([images, memory[None], maps]), self.device)  # once, for the peers too
             logits = net(inputs)
             outputs = [torch.sigmoid(logits.detach().float())] + [torch.sigmoid(self._infer(p, inputs)) for p in peers]
@@ -179,9 +184,9 @@ class StageTrainer:
                 if click is None:
                     break
                 clicks.append(Click(click.label, click.voxel))
-                maps = click_maps(clicks, truth.shape, self.config.click_sigma_voxels)
+                maps = click_maps(clicks, truth.shape, *self.encoding)
                 prediction = (self._infer(net, np.concatenate([images, maps])) > 0)[0, 0].cpu().numpy()
-        maps = click_maps(clicks, truth.shape, self.config.click_sigma_voxels)
+        maps = click_maps(clicks, truth.shape, *self.encoding)
         return lambda: self.loss(net(_tensor(np.concatenate([images, maps]), self.device)), target)
 
     # -- validation -------------------------------------------------------------------
@@ -193,6 +198,7 @@ class StageTrainer:
         checkpoint = LoadedCheckpoint(
             method=self.method, architecture=self.config.architecture, grid_shape=self.config.grid_shape,
             spacing_mm=self.config.spacing_mm, click_sigma_voxels=self.config.click_sigma_voxels,
+            click_overlap=self.config.click_overlap,
             stages=stages, digest="training", description="",
             zero_click_passes=self.config.zero_click_passes if self.stage == "refinement" else 0,
         )

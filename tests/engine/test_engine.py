@@ -72,7 +72,7 @@ class _Probe(torch.nn.Module):
 def test_refinement_members_all_get_images_memory_and_every_click() -> None:
     probes = [_Probe(), _Probe()]
     engine = Engine.__new__(Engine)
-    engine.checkpoint = type("C", (), {"click_sigma_voxels": 3.0, "grid_shape": (8, 8, 8)})()
+    engine.checkpoint = type("C", (), {"click_sigma_voxels": 3.0, "click_overlap": "sum", "grid_shape": (8, 8, 8)})()
     engine.device = torch.device("cpu")
     engine.refinement = Ensemble(probes, engine.device)  # type: ignore[arg-type]
     images = np.random.default_rng(1).normal(size=(2, 8, 8, 8)).astype(np.float32)
@@ -164,6 +164,38 @@ def test_zero_click_passes_follow_the_initial_ensemble_and_live_in_the_manifest(
         write_checkpoint(tmp_path / "unet", {"initial": [initial]}, method="unet", architecture=TINY,
                          grid_shape=(16, 16, 16), zero_click_passes=1)
     assert not (tmp_path / "unet").exists()
+
+
+def test_the_manifests_click_overlap_is_what_the_refinement_sees(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    initial, refinement = build_unet(INITIAL_CHANNELS, TINY).eval(), build_unet(REFINEMENT_CHANNELS, TINY).eval()
+    stages = {"initial": [initial], "refinement": [refinement]}
+    write_checkpoint(tmp_path / "max", stages, architecture=TINY, grid_shape=(16, 16, 16), click_overlap="max")
+    loaded = load_checkpoint(tmp_path / "max")
+    assert loaded.click_overlap == "max"
+    images = np.random.default_rng(1).normal(size=(2, 16, 16, 16)).astype(np.float32)
+    previous = np.full((16, 16, 16), 0.3, np.float32)
+    clicks = (Click("foreground", (3, 3, 3)), Click("foreground", (4, 3, 3)), Click("foreground", (12, 12, 12)))
+
+    def expected(overlap: str) -> np.ndarray:
+        inputs = np.concatenate([images, previous[None], click_maps(clicks, (16, 16, 16), 3.0, overlap)])
+        with torch.no_grad():
+            return torch.sigmoid(refinement(torch.from_numpy(inputs)[None]))[0, 0].numpy()
+
+    refined = Engine(loaded, torch.device("cpu")).refine(images, previous, clicks)
+    np.testing.assert_allclose(refined, expected("max"), atol=1e-5)
+    assert np.abs(expected("max") - expected("sum")).max() > 1e-3  # the two encodings differ for these clicks
+
+    manifest = json.loads((tmp_path / "max" / "manifest.json").read_text())
+    del manifest["click_overlap"]  # absent: DeepEdit's sum, as every checkpoint written before the field
+    (tmp_path / "max" / "manifest.json").write_text(json.dumps(manifest))
+    np.testing.assert_allclose(Engine(load_checkpoint(tmp_path / "max"), torch.device("cpu")).refine(
+        images, previous, clicks), expected("sum"), atol=1e-5)
+    (tmp_path / "max" / "manifest.json").write_text(json.dumps({**manifest, "click_overlap": "mean"}))
+    with pytest.raises(CheckpointError, match="click_overlap must be one of sum, max"):
+        load_checkpoint(tmp_path / "max")
+    with pytest.raises(ValueError, match="click_overlap"):
+        write_checkpoint(tmp_path / "bad", stages, architecture=TINY, grid_shape=(16, 16, 16), click_overlap="mean")
 
 
 @pytest.mark.slow  # starts icr serve

@@ -62,6 +62,32 @@ def test_click_maps_at_borders_overlaps_and_repeats() -> None:
     np.testing.assert_allclose(click_maps(clicks, shape, 3.0), reference_click_maps(clicks, shape, 3.0), atol=1e-6)
 
 
+@pytest.mark.parametrize("sigma", [3.0, 1.5])
+def test_max_overlap_click_maps_equal_monai_filtering_each_click_alone(sigma: float) -> None:
+    rng = np.random.default_rng(int(sigma * 7))
+    shape = (30, 26, 22)
+    for n in (1, 3, 8):
+        clicks = _random_clicks(rng, shape, n)
+        np.testing.assert_allclose(click_maps(clicks, shape, sigma, "max"),
+                                   reference_click_maps(clicks, shape, sigma, "max"), atol=1e-6)
+
+
+def test_with_max_overlap_a_cluster_of_clicks_does_not_dim_a_lone_click() -> None:
+    """DeepEdit's sum: three background clicks a voxel apart make the peak, and the lone
+    background click scales down to well under half; with "max" every click peaks at 1,
+    and one click's map is the same either way."""
+    shape = (32, 32, 32)
+    lone = Click("background", (25, 25, 25))
+    cluster = [Click("background", (5, 5, 5)), Click("background", (6, 5, 5)), Click("background", (5, 6, 5))]
+    summed = click_maps([*cluster, lone], shape, 3.0)[1]
+    kept = click_maps([*cluster, lone], shape, 3.0, "max")[1]
+    assert summed[lone.voxel] < 0.45 and summed[cluster[0].voxel] == pytest.approx(1.0)
+    assert all(kept[c.voxel] == pytest.approx(1.0) for c in [*cluster, lone])
+    np.testing.assert_allclose(click_maps([lone], shape, 3.0), click_maps([lone], shape, 3.0, "max"))
+    with pytest.raises(ValueError, match="click overlap must be one of sum, max"):
+        click_maps([lone], shape, 3.0, "mean")
+
+
 def test_click_maps_cover_the_whole_volume_when_balls_do() -> None:
     """A ball wider than the volume: the minimum is no longer 0, and min-max scaling must match."""
     shape = (6, 7, 5)
@@ -123,7 +149,7 @@ def test_window_plan_rounds_up_and_refuses_windows_without_a_centre() -> None:
 
 def _engine(members: list[torch.nn.Module], *, window: int | None, margin: int, align: int) -> Engine:
     engine = Engine.__new__(Engine)
-    engine.checkpoint = type("C", (), {"click_sigma_voxels": 3.0, "grid_shape": (32, 32, 32)})()  # type: ignore[assignment]
+    engine.checkpoint = type("C", (), {"click_sigma_voxels": 3.0, "click_overlap": "sum", "grid_shape": (32, 32, 32)})()  # type: ignore[assignment]
     engine.device = CPU
     engine.refinement = Ensemble(members, CPU)  # type: ignore[arg-type]
     engine.window_plan = None if window is None else WindowPlan(window, margin, align)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from service.engine.checkpoints import STAGE_CHANNELS
+from service.engine.clicks import click_maps
 from service.engine.networks import INITIAL_CHANNELS, build_unet
+from service.science import training_samples
 from service.science.dataset import find_cases, load_prepared
 from service.science.simulator import NO_OP_MIN_DISTANCE_MM
 from service.science.training_config import CONFIGS
 from service.science.training_samples import StageTrainer
+from service.store.contract import Click
 
 CPU = torch.device("cpu")
 
@@ -72,3 +77,26 @@ def test_zero_click_passes_open_each_refinement_sample_without_clicks(phantom_da
             closure()
     assert [bool(maps.any()) for maps in seen] == [False, False, True]
     assert trainer.segmenter(net, 0).checkpoint.zero_click_passes == 2  # validation runs them too
+
+
+def test_training_encodes_clicks_with_the_configured_overlap_and_validates_with_it(
+    phantom_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = replace(CONFIGS["tiny"], max_train_clicks=3, p_drop=0.0, click_overlap="max")
+    case = load_prepared(find_cases(phantom_data)[0], config.grid_shape, config.spacing_mm)
+    torch.manual_seed(0)
+    trainer = StageTrainer("2s-icr", "refinement", config, CPU, seed=3)
+    trainer.use_initial([build_unet(INITIAL_CHANNELS, config.architecture)], [{"train": [case.id], "val": []}])
+    encoded: list[tuple[float, str]] = []
+
+    def recording(clicks: Sequence[Click], shape: Sequence[int], sigma: float, overlap: str = "sum") -> np.ndarray:
+        encoded.append((sigma, overlap))
+        return click_maps(clicks, shape, sigma, overlap)
+
+    monkeypatch.setattr(training_samples, "click_maps", recording)
+    net = build_unet(STAGE_CHANNELS["refinement"], config.architecture)
+    with torch.no_grad():
+        for closure in trainer.steps(net, 0, [case]):
+            closure()
+    assert encoded and set(encoded) == {(config.click_sigma_voxels, "max")}
+    assert trainer.segmenter(net, 0).checkpoint.click_overlap == "max"  # validation encodes as training does
