@@ -9,7 +9,7 @@ grid); the checkpoint manifest records the sigma a model was trained with.
 Where the balls of two clicks of one sign overlap, DeepEdit adds them (``overlap``
 "sum"), and the scaling then divides every click of that sign by the highest sum: a
 cluster of clicks dims every other click of its sign (three clicks within a voxel or two
-of each other leave a lone click at about a third). "max" takes the larger ball instead, so
+of each other leave a lone click at about 0.35). "max" takes the larger ball instead, so
 every click peaks at 1 however many others there are; a single click's map is the same
 either way. The checkpoint manifest records which a model uses (``click_overlap``).
 
