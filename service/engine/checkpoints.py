@@ -8,7 +8,7 @@
       "architecture": {"channels": [...], "strides": [...], "num_res_units": 2},
       "grid": {"shape": [144, 144, 144], "spacing_mm": 1.0},
       "click_sigma_voxels": 3.0,
-      "click_overlap": "max",
+      "click_overlap": "sum",
       "zero_click_passes": 1,
       "stages": {
         "initial":    {"in_channels": 2, "members": [{"file": "initial-0.pt", "sha256": "..."}, ...]},
