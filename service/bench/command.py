@@ -135,8 +135,7 @@ def measure(args: argparse.Namespace, device: torch.device, scratch: Path) -> di
             "phantom": {"case": prepared.id, "seed": args.seed, "gtvt_voxels": int(prepared.truth.sum())},
         },
         "engine": engine_report,
-        "click_maps": bench_click_maps(clicks, checkpoint.grid_shape, checkpoint.click_sigma_voxels,
-                                       checkpoint.click_overlap, args.repeats),
+        "click_maps": bench_click_maps(clicks, checkpoint.grid_shape, *checkpoint.click_encoding, args.repeats),
         "codec": bench_codec(prepared.images, versions, args.repeats),
         "memory": {"bench_peak_rss_mib": peak_rss_mib()},
     }

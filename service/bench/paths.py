@@ -55,7 +55,7 @@ class NaiveBaseline:
 
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device) -> None:
         self.device = device
-        self.encoding = checkpoint.click_sigma_voxels, checkpoint.click_overlap
+        self.encoding = checkpoint.click_encoding
         self.initial = [m.to(device) for m in checkpoint.stages["initial"]]
         self.refinement = [m.to(device) for m in checkpoint.stages["refinement"]]
 

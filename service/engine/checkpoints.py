@@ -91,6 +91,11 @@ class LoadedCheckpoint:
     zero_click_passes: int = 0  # refinement passes with no clicks that make the first mask (2S-ICR)
     click_overlap: str = "sum"  # how overlapping click balls of one sign combine (clicks.CLICK_OVERLAPS)
 
+    @property
+    def click_encoding(self) -> tuple[float, str]:
+        """The click maps' sigma and overlap: ``click_maps``'s last two arguments."""
+        return self.click_sigma_voxels, self.click_overlap
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()

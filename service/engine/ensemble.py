@@ -193,8 +193,7 @@ class Engine:
         """:meth:`refine` with the members' votes; outside a refinement window, where no member
         ran, the votes are unanimous for the previous mask."""
         refinement = self.refinement_stage()
-        guidance = click_maps(clicks, previous.shape, self.checkpoint.click_sigma_voxels,
-                              self.checkpoint.click_overlap)
+        guidance = click_maps(clicks, previous.shape, *self.checkpoint.click_encoding)
         window = self._window(clicks, new_clicks, previous.shape)
         if window is None:
             return refinement.run(np.concatenate([images, previous[None], guidance], axis=0))

@@ -54,9 +54,8 @@ def ablate_case(engine: Engine, case: PreparedCase, rng: np.random.Generator,
     scores = {"initial": dice(mask, case.truth)}
     click = next_click(mask, case.truth, rng, rule)
     clicks: tuple[Click, ...] = () if click is None else (click,)
-    encoding = engine.checkpoint.click_sigma_voxels, engine.checkpoint.click_overlap
-    with_click = click_maps(clicks, previous.shape, *encoding)
-    without_click = click_maps((), previous.shape, *encoding)
+    with_click = click_maps(clicks, previous.shape, *engine.checkpoint.click_encoding)
+    without_click = click_maps((), previous.shape, *engine.checkpoint.click_encoding)
     no_memory = np.full_like(previous, 0.5)
     for name, memory, guidance in (("memory+click", previous, with_click), ("memory", previous, without_click),
                                    ("click", no_memory, with_click), ("neither", no_memory, without_click)):

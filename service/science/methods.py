@@ -62,8 +62,7 @@ class ClickGuided:
         self.ensemble = Ensemble(checkpoint.stages["interactive"], device, autocast_dtype(autocast, device))
 
     def _run(self, images: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
-        guidance = click_maps(clicks, images.shape[1:], self.checkpoint.click_sigma_voxels,
-                              self.checkpoint.click_overlap)
+        guidance = click_maps(clicks, images.shape[1:], *self.checkpoint.click_encoding)
         return self.ensemble.probability(np.concatenate([images, guidance], axis=0))
 
     def initial_probability(self, images: np.ndarray) -> np.ndarray:

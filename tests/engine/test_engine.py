@@ -72,7 +72,7 @@ class _Probe(torch.nn.Module):
 def test_refinement_members_all_get_images_memory_and_every_click() -> None:
     probes = [_Probe(), _Probe()]
     engine = Engine.__new__(Engine)
-    engine.checkpoint = type("C", (), {"click_sigma_voxels": 3.0, "click_overlap": "sum", "grid_shape": (8, 8, 8)})()
+    engine.checkpoint = type("C", (), {"click_encoding": (3.0, "sum"), "grid_shape": (8, 8, 8)})()
     engine.device = torch.device("cpu")
     engine.refinement = Ensemble(probes, engine.device)  # type: ignore[arg-type]
     images = np.random.default_rng(1).normal(size=(2, 8, 8, 8)).astype(np.float32)

@@ -149,7 +149,7 @@ def test_window_plan_rounds_up_and_refuses_windows_without_a_centre() -> None:
 
 def _engine(members: list[torch.nn.Module], *, window: int | None, margin: int, align: int) -> Engine:
     engine = Engine.__new__(Engine)
-    engine.checkpoint = type("C", (), {"click_sigma_voxels": 3.0, "click_overlap": "sum", "grid_shape": (32, 32, 32)})()  # type: ignore[assignment]
+    engine.checkpoint = type("C", (), {"click_encoding": (3.0, "sum"), "grid_shape": (32, 32, 32)})()  # type: ignore[assignment]
     engine.device = CPU
     engine.refinement = Ensemble(members, CPU)  # type: ignore[arg-type]
     engine.window_plan = None if window is None else WindowPlan(window, margin, align)
