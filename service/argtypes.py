@@ -27,6 +27,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 def int_between(low: int, high: int) -> Callable[[str], int]:
     """An argument type for integers from ``low`` to ``high``, both included."""
 

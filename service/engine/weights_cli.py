@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from service.argtypes import int_between
+from service.argtypes import int_between, positive_float
 from service.engine.checkpoints import MAX_ZERO_CLICK_PASSES, CheckpointError
 from service.engine.clicks import CLICK_OVERLAPS, DEFAULT_SIGMA_VOXELS
 from service.engine.networks import PAPER_ARCHITECTURE, Architecture
@@ -117,7 +117,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     imp.add_argument("--grid", type=_grid, default=PAPER_GRID, metavar="D,H,W",
                      help="grid the members were trained on, voxels (default 144,144,144)")
     imp.add_argument("--spacing", type=float, default=1.0, help="isotropic grid spacing, mm (default 1)")
-    imp.add_argument("--click-sigma", type=float, default=DEFAULT_SIGMA_VOXELS,
+    imp.add_argument("--click-sigma", type=positive_float, default=DEFAULT_SIGMA_VOXELS,
                      help=f"click Gaussian sigma, voxels, as in training (default {DEFAULT_SIGMA_VOXELS:g})")
     imp.add_argument("--click-overlap", choices=CLICK_OVERLAPS, default="sum",
                      help="how overlapping click balls of one sign combine, as in training (default sum, MONAI "

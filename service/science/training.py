@@ -44,7 +44,7 @@ import torch
 from monai.networks.nets import UNet
 from tqdm import tqdm
 
-from service.argtypes import int_between, non_negative_float
+from service.argtypes import int_between, non_negative_float, positive_float
 from service.engine.checkpoints import (
     MAX_ZERO_CLICK_PASSES,
     METHOD_STAGES,
@@ -52,7 +52,7 @@ from service.engine.checkpoints import (
     load_checkpoint,
     write_checkpoint,
 )
-from service.engine.clicks import CLICK_OVERLAPS
+from service.engine.clicks import CLICK_OVERLAPS, DEFAULT_SIGMA_VOXELS
 from service.engine.ensemble import resolve_device
 from service.engine.fastpath import AUTOCAST_CHOICES, autocast_dtype
 from service.science.dataset import (
@@ -207,7 +207,8 @@ def config_from_arguments(args: argparse.Namespace) -> TrainConfig:
                                    ("local_target_mm", args.local_target),
                                    ("no_op_click_chance", args.no_op_clicks),
                                    ("zero_click_passes", args.zero_click_passes),
-                                   ("click_overlap", args.click_overlap))
+                                   ("click_overlap", args.click_overlap),
+                                   ("click_sigma_voxels", args.click_sigma))
                  if v is not None}
     return replace(config, **overrides)
 
@@ -294,6 +295,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--click-overlap", choices=CLICK_OVERLAPS,
                         help="how overlapping click balls of one sign combine in the click maps (written into the "
                         "checkpoint; default sum, MONAI DeepEdit's; max: every click peaks at 1)")
+    parser.add_argument("--click-sigma", type=positive_float, metavar="VOXELS",
+                        help="sigma of the click maps' Gaussian balls, in voxels of the training grid (written into "
+                        f"the checkpoint; default {DEFAULT_SIGMA_VOXELS:g}, MONAI DeepEdit's)")
     parser.add_argument("--autocast", choices=AUTOCAST_CHOICES,
                         help="mixed-precision forward passes (default: the configuration's, off = float32 except "
                         "paper-cpu's auto; bfloat16 on CPUs with bfloat16 instructions is about 2.5x faster; "

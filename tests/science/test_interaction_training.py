@@ -79,10 +79,10 @@ def test_zero_click_passes_open_each_refinement_sample_without_clicks(phantom_da
     assert trainer.segmenter(net, 0).checkpoint.zero_click_passes == 2  # validation runs them too
 
 
-def test_training_encodes_clicks_with_the_configured_overlap_and_validates_with_it(
+def test_training_encodes_clicks_with_the_configured_sigma_and_overlap_and_validates_with_them(
     phantom_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = replace(CONFIGS["tiny"], max_train_clicks=3, p_drop=0.0, click_overlap="max")
+    config = replace(CONFIGS["tiny"], max_train_clicks=3, p_drop=0.0, click_overlap="max", click_sigma_voxels=1.5)
     case = load_prepared(find_cases(phantom_data)[0], config.grid_shape, config.spacing_mm)
     torch.manual_seed(0)
     trainer = StageTrainer("2s-icr", "refinement", config, CPU, seed=3)
@@ -98,5 +98,5 @@ def test_training_encodes_clicks_with_the_configured_overlap_and_validates_with_
     with torch.no_grad():
         for closure in trainer.steps(net, 0, [case]):
             closure()
-    assert encoded and set(encoded) == {(config.click_sigma_voxels, "max")}
-    assert trainer.segmenter(net, 0).checkpoint.click_overlap == "max"  # validation encodes as training does
+    assert encoded and set(encoded) == {(1.5, "max")}
+    assert trainer.segmenter(net, 0).checkpoint.click_encoding == (1.5, "max")  # validation encodes as training does

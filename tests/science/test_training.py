@@ -271,6 +271,20 @@ def test_train_options_set_the_click_loss_and_its_radius() -> None:
             parser.parse_args([*required, "--click-loss-radius", bad])
 
 
+def test_train_option_sets_the_click_sigma_and_refuses_one_not_positive() -> None:
+    import argparse
+
+    from service.science.training import config_from_arguments, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    required = ["train", "--method", "2s-icr", "--data", "d", "--out", "o"]
+    assert config_from_arguments(parser.parse_args([*required, "--click-sigma", "1.5"])).click_sigma_voxels == 1.5
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*required, "--click-sigma", bad])
+
+
 def test_the_click_loss_adds_the_bce_at_the_click_balls(phantom_data: Path) -> None:
     config = replace(CONFIGS["tiny"], max_train_clicks=3)
     case = load_prepared(find_cases(phantom_data)[0], config.grid_shape, config.spacing_mm)
