@@ -139,6 +139,8 @@ def write_checkpoint(
                          f"got {zero_click_passes} for {method}")
     if click_overlap not in CLICK_OVERLAPS:
         raise ValueError(f"click_overlap must be one of {', '.join(CLICK_OVERLAPS)}, got {click_overlap!r}")
+    if not click_sigma_voxels > 0:  # also refuses nan
+        raise ValueError(f"click_sigma_voxels must be a number > 0, got {click_sigma_voxels!r}")
     directory.mkdir(parents=True, exist_ok=True)
     manifest_stages: dict[str, Any] = {}
     for stage, members in stages.items():
@@ -227,6 +229,8 @@ def load_checkpoint(directory: Path | str, *, method: str | tuple[str, ...] | No
     if overlap not in CLICK_OVERLAPS:
         raise CheckpointError(f"{directory / MANIFEST}: click_overlap must be one of {', '.join(CLICK_OVERLAPS)}, "
                               f"got {overlap!r}")
+    if not sigma > 0:  # also refuses nan
+        raise CheckpointError(f"{directory / MANIFEST}: click_sigma_voxels must be a number > 0, got {sigma!r}")
     stages: dict[str, list[UNet]] = {}
     for stage, entry in stage_entries.items():
         if entry.get("in_channels") != STAGE_CHANNELS[stage]:

@@ -198,6 +198,21 @@ def test_the_manifests_click_overlap_is_what_the_refinement_sees(tmp_path: Path)
         write_checkpoint(tmp_path / "bad", stages, architecture=TINY, grid_shape=(16, 16, 16), click_overlap="mean")
 
 
+def test_a_click_sigma_that_is_not_a_positive_number_is_refused_on_writing_and_loading(tmp_path: Path) -> None:
+    stages = {"initial": [build_unet(INITIAL_CHANNELS, TINY)], "refinement": [build_unet(REFINEMENT_CHANNELS, TINY)]}
+    write_checkpoint(tmp_path / "ok", stages, architecture=TINY, grid_shape=(16, 16, 16), click_sigma_voxels=1.5)
+    assert load_checkpoint(tmp_path / "ok").click_sigma_voxels == 1.5
+    manifest = json.loads((tmp_path / "ok" / "manifest.json").read_text())
+    for bad in (0, -1.5, "nan"):
+        (tmp_path / "ok" / "manifest.json").write_text(json.dumps({**manifest, "click_sigma_voxels": bad}))
+        with pytest.raises(CheckpointError, match="click_sigma_voxels must be a number > 0"):
+            load_checkpoint(tmp_path / "ok")
+        with pytest.raises(ValueError, match="click_sigma_voxels"):
+            write_checkpoint(tmp_path / "bad", stages, architecture=TINY, grid_shape=(16, 16, 16),
+                             click_sigma_voxels=float(bad))
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.slow  # starts icr serve
 def test_service_refuses_to_start_on_bad_weights(tmp_path: Path) -> None:
     env = {"ICR_WEIGHTS": str(tmp_path / "absent"), "PATH": "/usr/bin:/bin"}
