@@ -126,6 +126,7 @@ def measure(args: argparse.Namespace, device: torch.device, scratch: Path) -> di
             "spacing_mm": checkpoint.spacing_mm,
             "click_sigma_voxels": checkpoint.click_sigma_voxels,
             "click_overlap": checkpoint.click_overlap,
+            "click_reach_sigma_voxels": dict(checkpoint.click_reach_sigma_voxels),
             "repeats": args.repeats,
             "clicks": args.clicks,
             "clicks_made": len(clicks),
@@ -135,7 +136,7 @@ def measure(args: argparse.Namespace, device: torch.device, scratch: Path) -> di
             "phantom": {"case": prepared.id, "seed": args.seed, "gtvt_voxels": int(prepared.truth.sum())},
         },
         "engine": engine_report,
-        "click_maps": bench_click_maps(clicks, checkpoint.grid_shape, *checkpoint.click_encoding, args.repeats),
+        "click_maps": bench_click_maps(clicks, checkpoint.grid_shape, checkpoint.click_encoding, args.repeats),
         "codec": bench_codec(prepared.images, versions, args.repeats),
         "memory": {"bench_peak_rss_mib": peak_rss_mib()},
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -212,13 +212,13 @@ def bench_engine(
 
 
 def bench_click_maps(
-    clicks: Sequence[Click], shape: Sequence[int], sigma: float, overlap: str, repeats: int
+    clicks: Sequence[Click], shape: Sequence[int], encoding: tuple[float, str, Mapping[str, float]], repeats: int
 ) -> dict[str, Any]:
-    """MONAI's whole-volume Gaussian filtering against ball-by-ball click maps."""
+    """MONAI's whole-volume Gaussian filtering against ball-by-ball click maps (``encoding``: the checkpoint's)."""
     if not clicks:
         return {"clicks": 0}
-    monai_times, monai = timed(lambda: reference_click_maps(clicks, shape, sigma, overlap), repeats)
-    local_times, local = timed(lambda: click_maps(clicks, shape, sigma, overlap), repeats)
+    monai_times, monai = timed(lambda: reference_click_maps(clicks, shape, *encoding), repeats)
+    local_times, local = timed(lambda: click_maps(clicks, shape, *encoding), repeats)
     return {
         "clicks": len(clicks),
         "monai": summary_ms(monai_times),

@@ -123,6 +123,7 @@ def _inference(checkpoint: LoadedCheckpoint, files: dict[str, list[str]]) -> dic
         "spacing_mm": checkpoint.spacing_mm,
         "click_sigma_voxels": checkpoint.click_sigma_voxels,
         "click_overlap": checkpoint.click_overlap,
+        "click_reach_sigma_voxels": dict(checkpoint.click_reach_sigma_voxels),
     }
     if "refinement" in files:
         config["refinement_network_def"] = _network_def(STAGE_CHANNELS["refinement"], checkpoint.architecture)
@@ -158,6 +159,7 @@ CT and PET resampled by their affines onto one grid around the region of interes
 
 The initial stage takes channels 0-1; the refinement stage takes 0-4, with all clicks so far
 (sigma {checkpoint.click_sigma_voxels:g} voxels, as MONAI's DeepGrow `AddGuidanceSignald`{_overlap_text(checkpoint)}).\
+{_reach_text(checkpoint)}\
 {_zero_click_text(checkpoint)}
 
 ## Output
@@ -192,6 +194,16 @@ def _overlap_text(checkpoint: LoadedCheckpoint) -> str:
             "so every click peaks at 1 after scaling: `click_overlap` \"max\" in `configs/inference.json`")
 
 
+def _reach_text(checkpoint: LoadedCheckpoint) -> str:
+    reach = checkpoint.click_reach_sigma_voxels
+    if not reach:
+        return ""
+    signs = ", ".join(f"each {sign} click's ball is the mean of that Gaussian and one of sigma {sigma:g} voxels"
+                      for sign, sigma in reach.items())
+    return (f"\nWith a reach ({signs}), both scaled to peak 1 before the maps are scaled "
+            "(`click_reach_sigma_voxels` in `configs/inference.json`).")
+
+
 def _zero_click_text(checkpoint: LoadedCheckpoint) -> str:
     passes = checkpoint.zero_click_passes
     if not passes:
@@ -210,6 +222,7 @@ def _import_command(checkpoint: LoadedCheckpoint, files: dict[str, list[str]]) -
             f"--grid {','.join(map(str, checkpoint.grid_shape))} --spacing {checkpoint.spacing_mm:g} "
             f"--click-sigma {checkpoint.click_sigma_voxels:g}"
             + (f" --click-overlap {checkpoint.click_overlap}" if checkpoint.click_overlap != "sum" else "")
+            + "".join(f" --click-reach {sign}={sigma:g}" for sign, sigma in checkpoint.click_reach_sigma_voxels.items())
             + (f" --zero-click-passes {checkpoint.zero_click_passes}" if checkpoint.zero_click_passes else ""))
 
 

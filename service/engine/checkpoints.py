@@ -9,6 +9,7 @@
       "grid": {"shape": [144, 144, 144], "spacing_mm": 1.0},
       "click_sigma_voxels": 3.0,
       "click_overlap": "sum",
+      "click_reach_sigma_voxels": {"foreground": 6.0},
       "zero_click_passes": 1,
       "stages": {
         "initial":    {"in_channels": 2, "members": [{"file": "initial-0.pt", "sha256": "..."}, ...]},
@@ -19,6 +20,8 @@
 
 ``click_overlap`` (absent: "sum", MONAI DeepEdit's guidance signal) is how overlapping click
 balls of one sign combine in the click maps (:func:`service.engine.clicks.click_maps`).
+``click_reach_sigma_voxels`` (absent: none) gives a click sign a second, wider Gaussian in
+its balls (see :mod:`service.engine.clicks`).
 
 ``zero_click_passes`` (2S-ICR only; absent: 0, the paper's method) is how many refinement
 passes with no clicks follow the initial ensemble to make a session's first mask and first
@@ -51,7 +54,7 @@ from typing import Any
 import torch
 from monai.networks.nets import UNet
 
-from service.engine.clicks import CLICK_OVERLAPS, DEFAULT_SIGMA_VOXELS
+from service.engine.clicks import CLICK_OVERLAPS, DEFAULT_SIGMA_VOXELS, check_reach
 from service.engine.networks import (
     INITIAL_CHANNELS,
     INTERACTIVE_CHANNELS,
@@ -90,11 +93,12 @@ class LoadedCheckpoint:
     description: str
     zero_click_passes: int = 0  # refinement passes with no clicks that make the first mask (2S-ICR)
     click_overlap: str = "sum"  # how overlapping click balls of one sign combine (clicks.CLICK_OVERLAPS)
+    click_reach_sigma_voxels: Mapping[str, float] = field(default_factory=dict)  # per sign (clicks.click_maps)
 
     @property
-    def click_encoding(self) -> tuple[float, str]:
-        """The click maps' sigma and overlap: ``click_maps``'s last two arguments."""
-        return self.click_sigma_voxels, self.click_overlap
+    def click_encoding(self) -> tuple[float, str, Mapping[str, float]]:
+        """The click maps' sigma, overlap and reach: ``click_maps``'s last three arguments."""
+        return self.click_sigma_voxels, self.click_overlap, self.click_reach_sigma_voxels
 
 
 def sha256_file(path: Path) -> str:
@@ -123,6 +127,7 @@ def write_checkpoint(
     spacing_mm: float = 1.0,
     click_sigma_voxels: float = DEFAULT_SIGMA_VOXELS,
     click_overlap: str = "sum",
+    click_reach_sigma_voxels: Mapping[str, float] | None = None,
     zero_click_passes: int = 0,
     description: str = "",
     dtype: torch.dtype = torch.float32,
@@ -141,6 +146,8 @@ def write_checkpoint(
         raise ValueError(f"click_overlap must be one of {', '.join(CLICK_OVERLAPS)}, got {click_overlap!r}")
     if not click_sigma_voxels > 0:  # also refuses nan
         raise ValueError(f"click_sigma_voxels must be a number > 0, got {click_sigma_voxels!r}")
+    reach = dict(click_reach_sigma_voxels or {})
+    check_reach(reach)
     directory.mkdir(parents=True, exist_ok=True)
     manifest_stages: dict[str, Any] = {}
     for stage, members in stages.items():
@@ -159,6 +166,7 @@ def write_checkpoint(
         "grid": {"shape": list(grid_shape), "spacing_mm": spacing_mm},
         "click_sigma_voxels": click_sigma_voxels,
         "click_overlap": click_overlap,
+        **({"click_reach_sigma_voxels": reach} if reach else {}),
         **({"zero_click_passes": zero_click_passes} if method == "2s-icr" else {}),
         "stages": manifest_stages,
         "description": description,
@@ -217,6 +225,7 @@ def load_checkpoint(directory: Path | str, *, method: str | tuple[str, ...] | No
         sigma = float(manifest.get("click_sigma_voxels", DEFAULT_SIGMA_VOXELS))
         zero_click_passes = manifest.get("zero_click_passes", 0)
         overlap = manifest.get("click_overlap", "sum")
+        reach = manifest.get("click_reach_sigma_voxels", {})
         stage_entries = {stage: manifest["stages"][stage] for stage in METHOD_STAGES[found]}
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{directory / MANIFEST} lacks a valid field: {error}") from error
@@ -231,6 +240,13 @@ def load_checkpoint(directory: Path | str, *, method: str | tuple[str, ...] | No
                               f"got {overlap!r}")
     if not sigma > 0:  # also refuses nan
         raise CheckpointError(f"{directory / MANIFEST}: click_sigma_voxels must be a number > 0, got {sigma!r}")
+    if not isinstance(reach, dict):
+        raise CheckpointError(f"{directory / MANIFEST}: click_reach_sigma_voxels must map click signs to sigmas, "
+                              f"got {reach!r}")
+    try:
+        check_reach(reach)
+    except ValueError as error:
+        raise CheckpointError(f"{directory / MANIFEST}: click_reach_sigma_voxels: {error}") from error
     stages: dict[str, list[UNet]] = {}
     for stage, entry in stage_entries.items():
         if entry.get("in_channels") != STAGE_CHANNELS[stage]:
@@ -246,6 +262,7 @@ def load_checkpoint(directory: Path | str, *, method: str | tuple[str, ...] | No
         spacing_mm=spacing,
         click_sigma_voxels=sigma,
         click_overlap=overlap,
+        click_reach_sigma_voxels={sign: float(value) for sign, value in reach.items()},
         zero_click_passes=zero_click_passes,
         stages=stages,
         digest=digest,

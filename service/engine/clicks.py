@@ -13,6 +13,15 @@ of each other leave a lone click at about 0.35). "max" takes the larger ball ins
 every click peaks at 1 however many others there are; a single click's map is the same
 either way. The checkpoint manifest records which a model uses (``click_overlap``).
 
+A sign may also carry a *reach*: a second, wider sigma (``click_reach_sigma_voxels`` in the
+manifest, per sign). Each click of that sign then adds the mean of two Gaussians scaled to
+peak 1, the narrow one (``sigma``) marking the clicked voxel and the wide one the region
+its correction reaches; the min-max scaling follows as before, so a lone click still peaks
+at 1. A single Gaussian of sigma 3 voxels on a 2 mm grid marks a ball about 14 mm across as
+much as the clicked voxel; networks trained on it leave a quarter of background clicks on
+a one-voxel rim unhonoured, and a narrow one alone corrects less of the region
+(``docs/results/interaction-probes.md``).
+
 :func:`click_maps` computes exactly that without filtering the whole volume: the
 filter of a one-voxel delta is the outer product of MONAI's 1-D kernel, so each click
 adds a small ball (milliseconds instead of about 0.7 s on a 144^3 grid).
@@ -22,7 +31,7 @@ would; the two agree to 1e-6 (tested), and the benchmark's baseline uses the lat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,17 +51,28 @@ def click_kernel(sigma: float) -> np.ndarray:
     return gaussian_1d(torch.tensor(float(sigma)), truncated=GAUSSIAN_TRUNCATION, approx="erf").numpy()
 
 
-def _add_ball(signal: np.ndarray, voxel: Sequence[int], kernel: np.ndarray, overlap: str) -> None:
-    """Add (or, with ``overlap`` "max", take the maximum with) the kernel's outer product centred on
-    ``voxel``, clipped to the volume (zero padding)."""
-    tail = kernel.size // 2
+def ball_kernels(sigma: float, reach_sigma: float | None = None) -> list[np.ndarray]:
+    """The 1-D kernels whose outer products, summed, make one click's ball: MONAI's kernel for ``sigma``
+    alone, or with a ``reach_sigma`` both kernels scaled so that each ball peaks at 1/2 (zero-padded to
+    one length)."""
+    if reach_sigma is None:
+        return [click_kernel(sigma)]
+    kernels = [click_kernel(s) for s in (sigma, reach_sigma)]
+    size = max(k.size for k in kernels)
+    return [np.pad(k / k.max(), (size - k.size) // 2) * 0.5 ** (1 / 3) for k in kernels]
+
+
+def _add_ball(signal: np.ndarray, voxel: Sequence[int], kernels: Sequence[np.ndarray], overlap: str) -> None:
+    """Add (or, with ``overlap`` "max", take the maximum with) the sum of the kernels' outer products
+    centred on ``voxel``, clipped to the volume (zero padding); the kernels have one odd length."""
+    tail = kernels[0].size // 2
     target: list[slice] = []
-    factors: list[np.ndarray] = []
+    cut: list[slice] = []
     for centre, size in zip(voxel, signal.shape):
         low, high = max(centre - tail, 0), min(centre + tail + 1, size)
         target.append(slice(low, high))
-        factors.append(kernel[low - centre + tail : high - centre + tail])
-    ball = factors[0][:, None, None] * factors[1][None, :, None] * factors[2][None, None, :]
+        cut.append(slice(low - centre + tail, high - centre + tail))
+    ball = sum(k[cut[0]][:, None, None] * k[cut[1]][None, :, None] * k[cut[2]][None, None, :] for k in kernels)
     region = signal[tuple(target)]
     if overlap == "max":
         np.maximum(region, ball, out=region)
@@ -65,20 +85,31 @@ def _check_overlap(overlap: str) -> None:
         raise ValueError(f"click overlap must be one of {', '.join(CLICK_OVERLAPS)}, not {overlap!r}")
 
 
+def check_reach(reach: Mapping[str, float]) -> None:
+    """ValueError unless ``reach`` maps click signs to sigmas > 0."""
+    for sign, value in reach.items():
+        if sign not in SIGNS:
+            raise ValueError(f"a click reach names a sign, one of {', '.join(SIGNS)}, not {sign!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:  # also refuses nan
+            raise ValueError(f"the {sign} clicks' reach sigma must be a number > 0, got {value!r}")
+
+
 def click_maps(
-    clicks: Sequence[Click], shape: Sequence[int], sigma: float = DEFAULT_SIGMA_VOXELS, overlap: str = "sum"
+    clicks: Sequence[Click], shape: Sequence[int], sigma: float = DEFAULT_SIGMA_VOXELS, overlap: str = "sum",
+    reach: Mapping[str, float] | None = None,
 ) -> np.ndarray:
-    """(2, *shape) float32: positive-click map, negative-click map."""
+    """(2, *shape) float32: positive-click map, negative-click map; ``reach`` gives a sign its reach sigma."""
     _check_overlap(overlap)
-    kernel = click_kernel(sigma)
+    reach = reach or {}
     out = np.zeros((len(SIGNS), *shape), dtype=np.float32)
     for channel, sign in enumerate(SIGNS):
         voxels = {tuple(int(v) for v in c.voxel) for c in clicks if c.label == sign}  # a repeated voxel is one delta
         if not voxels:
             continue
+        kernels = ball_kernels(sigma, reach.get(sign))
         signal = out[channel]
         for voxel in sorted(voxels):
-            _add_ball(signal, voxel, kernel, overlap)
+            _add_ball(signal, voxel, kernels, overlap)
         low, high = float(signal.min()), float(signal.max())
         signal -= low
         signal /= high - low
@@ -86,12 +117,13 @@ def click_maps(
 
 
 def reference_click_maps(
-    clicks: Sequence[Click], shape: Sequence[int], sigma: float = DEFAULT_SIGMA_VOXELS, overlap: str = "sum"
+    clicks: Sequence[Click], shape: Sequence[int], sigma: float = DEFAULT_SIGMA_VOXELS, overlap: str = "sum",
+    reach: Mapping[str, float] | None = None,
 ) -> np.ndarray:
     """The same maps through MONAI's GaussianFilter over the whole volume (with ``overlap`` "max",
-    once per click, keeping the maximum)."""
+    once per click, keeping the maximum; with a reach, once per sigma, each scaled to peak 1/2)."""
     _check_overlap(overlap)
-    smooth = GaussianFilter(3, sigma=sigma)
+    reach = reach or {}
     out = np.zeros((2, *shape), dtype=np.float32)
     with torch.no_grad():
         for channel, sign in enumerate(SIGNS):
@@ -101,7 +133,10 @@ def reference_click_maps(
             deltas = torch.zeros((len(voxels) if overlap == "max" else 1, 1, *shape), dtype=torch.float32)
             for index, voxel in enumerate(voxels):
                 deltas[index if overlap == "max" else 0, 0][voxel] = 1.0
-            signal = smooth(deltas).amax(dim=0)[0].numpy()
+            sigmas = [sigma] if sign not in reach else [sigma, reach[sign]]
+            scales = [1.0] if sign not in reach else [0.5 / float(click_kernel(s).max()) ** 3 for s in sigmas]
+            smoothed = sum(scale * GaussianFilter(3, sigma=s)(deltas) for s, scale in zip(sigmas, scales))
+            signal = smoothed.amax(dim=0)[0].numpy()
             low, high = float(signal.min()), float(signal.max())
             out[channel] = (signal - low) / (high - low)
     return out

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from service.argtypes import int_between, positive_float
+from service.argtypes import click_reach, int_between, positive_float
 from service.engine.checkpoints import MAX_ZERO_CLICK_PASSES, CheckpointError
 from service.engine.clicks import CLICK_OVERLAPS, DEFAULT_SIGMA_VOXELS
 from service.engine.networks import PAPER_ARCHITECTURE, Architecture
@@ -49,7 +49,8 @@ def _import(args: argparse.Namespace) -> int:
     plan = ImportPlan(
         source=args.source, initial=args.initial, refinement=args.refinement, architecture=architecture,
         grid_shape=args.grid, spacing_mm=args.spacing, click_sigma_voxels=args.click_sigma,
-        click_overlap=args.click_overlap, zero_click_passes=args.zero_click_passes, description=args.description,
+        click_overlap=args.click_overlap, click_reach_sigma_voxels=dict(args.click_reach or ()),
+        zero_click_passes=args.zero_click_passes, description=args.description,
     )
     try:
         manifest = import_weights(plan, args.out)
@@ -122,6 +123,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     imp.add_argument("--click-overlap", choices=CLICK_OVERLAPS, default="sum",
                      help="how overlapping click balls of one sign combine, as in training (default sum, MONAI "
                      "DeepEdit's; max: every click peaks at 1)")
+    imp.add_argument("--click-reach", type=click_reach, action="append", metavar="SIGN=VOXELS",
+                     help="the clicks of SIGN have a reach of sigma VOXELS, as in training (repeat for both signs; "
+                     "default: none)")
     imp.add_argument("--zero-click-passes", type=int_between(0, MAX_ZERO_CLICK_PASSES), default=0,
                      help="refinement passes with no clicks after the initial ensemble, as the members were "
                      "trained and validated (default 0, the paper's method)")

@@ -18,7 +18,7 @@ import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ class ImportPlan:
     spacing_mm: float = 1.0
     click_sigma_voxels: float = DEFAULT_SIGMA_VOXELS
     click_overlap: str = "sum"
+    click_reach_sigma_voxels: Mapping[str, float] = field(default_factory=dict)
     zero_click_passes: int = 0
     description: str = ""
 
@@ -298,6 +299,7 @@ def import_weights(plan: ImportPlan, out: Path) -> Path:
         write_checkpoint(staging, stages, method=method, architecture=plan.architecture,
                           grid_shape=plan.grid_shape, spacing_mm=plan.spacing_mm,
                           click_sigma_voxels=plan.click_sigma_voxels, click_overlap=plan.click_overlap,
+                          click_reach_sigma_voxels=plan.click_reach_sigma_voxels,
                           zero_click_passes=plan.zero_click_passes,
                           description=description)
     return out / "manifest.json"

@@ -39,12 +39,13 @@ import logging
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.networks.nets import UNet
 from tqdm import tqdm
 
-from service.argtypes import int_between, non_negative_float, positive_float
+from service.argtypes import click_reach, int_between, non_negative_float, positive_float
 from service.engine.checkpoints import (
     MAX_ZERO_CLICK_PASSES,
     METHOD_STAGES,
@@ -156,7 +157,7 @@ def train(
     write_checkpoint(
         weights, stages, method=method, architecture=config.architecture, grid_shape=config.grid_shape,
         spacing_mm=config.spacing_mm, click_sigma_voxels=config.click_sigma_voxels, click_overlap=config.click_overlap,
-        description=description,
+        click_reach_sigma_voxels=config.click_reach_sigma_voxels, description=description,
         zero_click_passes=config.zero_click_passes if method == "2s-icr" else 0, dtype=getattr(torch, config.save_dtype),
     )
     summary = {
@@ -195,7 +196,7 @@ def _checkpoint_members(directory: Path, config: TrainConfig, folds: int, stage:
 def config_from_arguments(args: argparse.Namespace) -> TrainConfig:
     """The named configuration with the fields that ``icr train``'s options set."""
     config = CONFIGS[args.config]
-    overrides = {k: v for k, v in (("base_steps", args.base_steps), ("member_steps", args.steps),
+    overrides: dict[str, Any] = {k: v for k, v in (("base_steps", args.base_steps), ("member_steps", args.steps),
                                    ("p_drop", args.p_drop), ("folds", args.folds), ("budget", args.budget),
                                    ("lr", args.lr), ("autocast", args.autocast),
                                    ("refinement_from_initial", None if args.refinement_from is None
@@ -208,7 +209,8 @@ def config_from_arguments(args: argparse.Namespace) -> TrainConfig:
                                    ("no_op_click_chance", args.no_op_clicks),
                                    ("zero_click_passes", args.zero_click_passes),
                                    ("click_overlap", args.click_overlap),
-                                   ("click_sigma_voxels", args.click_sigma))
+                                   ("click_sigma_voxels", args.click_sigma),
+                                   ("click_reach_sigma_voxels", dict(args.click_reach) if args.click_reach else None))
                  if v is not None}
     return replace(config, **overrides)
 
@@ -298,6 +300,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--click-sigma", type=positive_float, metavar="VOXELS",
                         help="sigma of the click maps' Gaussian balls, in voxels of the training grid (written into "
                         f"the checkpoint; default {DEFAULT_SIGMA_VOXELS:g}, MONAI DeepEdit's)")
+    parser.add_argument("--click-reach", type=click_reach, action="append", metavar="SIGN=VOXELS",
+                        help="give the clicks of SIGN (foreground or background) a reach: each of their balls is the "
+                        "mean of the --click-sigma Gaussian and a wider one of sigma VOXELS, both peaking at 1 "
+                        "(written into the checkpoint; repeat for both signs; default: none)")
     parser.add_argument("--autocast", choices=AUTOCAST_CHOICES,
                         help="mixed-precision forward passes (default: the configuration's, off = float32 except "
                         "paper-cpu's auto; bfloat16 on CPUs with bfloat16 instructions is about 2.5x faster; "

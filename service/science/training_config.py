@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from service.engine.checkpoints import METHOD_STAGES
 from service.engine.clicks import DEFAULT_SIGMA_VOXELS
@@ -42,6 +43,7 @@ class TrainConfig:
     folds: int = 5
     click_sigma_voxels: float = DEFAULT_SIGMA_VOXELS
     click_overlap: str = "sum"  # how overlapping click balls of one sign combine (clicks.CLICK_OVERLAPS)
+    click_reach_sigma_voxels: Mapping[str, float] = field(default_factory=dict)  # per sign (clicks.click_maps)
     save_dtype: str = "float32"
     # Start every click-taking net (the 2S-ICR refinement net, DeepGrow/DeepEdit) from
     # a trained initial net (extra input channels at zero): it begins by reproducing the

@@ -9,7 +9,7 @@ that memory). It also validates a member by the evaluation protocol's simulated 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -62,9 +62,9 @@ class StageTrainer:
                              f"not {config.refinement_memory!r}")
 
     @property
-    def encoding(self) -> tuple[float, str]:
-        """The click maps' sigma and overlap (``click_maps``'s last two arguments)."""
-        return self.config.click_sigma_voxels, self.config.click_overlap
+    def encoding(self) -> tuple[float, str, Mapping[str, float]]:
+        """The click maps' sigma, overlap and reach (``click_maps``'s last three arguments)."""
+        return self.config.click_sigma_voxels, self.config.click_overlap, self.config.click_reach_sigma_voxels
 
     def reduced_precision(self) -> torch.autocast:
         """The forward passes' autocast context (a no-op for float32 training)."""
@@ -198,7 +198,7 @@ class StageTrainer:
         checkpoint = LoadedCheckpoint(
             method=self.method, architecture=self.config.architecture, grid_shape=self.config.grid_shape,
             spacing_mm=self.config.spacing_mm, click_sigma_voxels=self.config.click_sigma_voxels,
-            click_overlap=self.config.click_overlap,
+            click_overlap=self.config.click_overlap, click_reach_sigma_voxels=self.config.click_reach_sigma_voxels,
             stages=stages, digest="training", description="",
             zero_click_passes=self.config.zero_click_passes if self.stage == "refinement" else 0,
         )

@@ -198,6 +198,43 @@ def test_the_manifests_click_overlap_is_what_the_refinement_sees(tmp_path: Path)
         write_checkpoint(tmp_path / "bad", stages, architecture=TINY, grid_shape=(16, 16, 16), click_overlap="mean")
 
 
+def test_the_manifests_click_reach_is_what_the_refinement_sees_and_a_bad_one_is_refused(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    refinement = build_unet(REFINEMENT_CHANNELS, TINY).eval()
+    stages = {"initial": [build_unet(INITIAL_CHANNELS, TINY).eval()], "refinement": [refinement]}
+    reach = {"foreground": 3.0}
+    write_checkpoint(tmp_path / "reach", stages, architecture=TINY, grid_shape=(16, 16, 16), click_sigma_voxels=1.5,
+                     click_reach_sigma_voxels=reach)
+    loaded = load_checkpoint(tmp_path / "reach")
+    assert loaded.click_encoding == (1.5, "sum", reach)
+    images = np.random.default_rng(2).normal(size=(2, 16, 16, 16)).astype(np.float32)
+    previous = np.full((16, 16, 16), 0.3, np.float32)
+    clicks = (Click("foreground", (5, 6, 7)), Click("background", (11, 11, 11)))
+
+    def expected(with_reach: dict[str, float]) -> np.ndarray:
+        inputs = np.concatenate([images, previous[None], click_maps(clicks, (16, 16, 16), 1.5, "sum", with_reach)])
+        with torch.no_grad():
+            return torch.sigmoid(refinement(torch.from_numpy(inputs)[None]))[0, 0].numpy()
+
+    np.testing.assert_allclose(Engine(loaded, torch.device("cpu")).refine(images, previous, clicks), expected(reach),
+                               atol=1e-5)
+    assert np.abs(expected(reach) - expected({})).max() > 1e-3  # the reach changes what the network sees
+
+    manifest = json.loads((tmp_path / "reach" / "manifest.json").read_text())
+    assert manifest["click_reach_sigma_voxels"] == reach
+    write_checkpoint(tmp_path / "plain", stages, architecture=TINY, grid_shape=(16, 16, 16))
+    assert "click_reach_sigma_voxels" not in json.loads((tmp_path / "plain" / "manifest.json").read_text())
+    assert load_checkpoint(tmp_path / "plain").click_reach_sigma_voxels == {}  # absent: no reach, as before the field
+    for bad in ({"tumour": 3.0}, {"foreground": 0}, {"background": "wide"}, [3.0]):
+        (tmp_path / "reach" / "manifest.json").write_text(json.dumps({**manifest, "click_reach_sigma_voxels": bad}))
+        with pytest.raises(CheckpointError, match="click_reach_sigma_voxels"):
+            load_checkpoint(tmp_path / "reach")
+    with pytest.raises(ValueError, match="reach"):
+        write_checkpoint(tmp_path / "bad", stages, architecture=TINY, grid_shape=(16, 16, 16),
+                         click_reach_sigma_voxels={"foreground": -1.0})
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_click_sigma_that_is_not_a_positive_number_is_refused_on_writing_and_loading(tmp_path: Path) -> None:
     stages = {"initial": [build_unet(INITIAL_CHANNELS, TINY)], "refinement": [build_unet(REFINEMENT_CHANNELS, TINY)]}
     write_checkpoint(tmp_path / "ok", stages, architecture=TINY, grid_shape=(16, 16, 16), click_sigma_voxels=1.5)

@@ -11,7 +11,7 @@ from monai.networks.nets import UNet
 
 from service.engine import fastpath
 from service.engine.checkpoints import load_checkpoint, write_checkpoint
-from service.engine.clicks import click_maps, reference_click_maps
+from service.engine.clicks import check_reach, click_maps, reference_click_maps
 from service.engine.ensemble import Engine, Ensemble
 from service.engine.fastpath import (
     WindowPlan,
@@ -86,6 +86,34 @@ def test_with_max_overlap_a_cluster_of_clicks_does_not_dim_a_lone_click() -> Non
     np.testing.assert_allclose(click_maps([lone], shape, 3.0), click_maps([lone], shape, 3.0, "max"))
     with pytest.raises(ValueError, match="click overlap must be one of sum, max"):
         click_maps([lone], shape, 3.0, "mean")
+
+
+@pytest.mark.parametrize("overlap", ["sum", "max"])
+def test_click_maps_with_a_reach_equal_monai_filtering_at_both_sigmas(overlap: str) -> None:
+    rng = np.random.default_rng(11)
+    shape = (34, 28, 30)
+    for reach in ({"foreground": 3.0}, {"foreground": 3.0, "background": 4.5}, {"background": 1.0}):
+        for n in (1, 4, 10):
+            clicks = _random_clicks(rng, shape, n)
+            np.testing.assert_allclose(click_maps(clicks, shape, 1.5, overlap, reach),
+                                       reference_click_maps(clicks, shape, 1.5, overlap, reach), atol=1e-6)
+
+
+def test_a_reach_widens_a_signs_balls_and_keeps_their_peak_at_the_click() -> None:
+    """A lone click with a reach peaks at 1 and falls as the mean of the two Gaussians (each peaking at 1);
+    the sign without a reach keeps the narrow ball alone."""
+    shape = (25, 25, 25)
+    clicks = [Click("foreground", (12, 12, 12)), Click("background", (12, 12, 4))]
+    maps = click_maps(clicks, shape, 1.5, "sum", {"foreground": 3.0})
+    narrow = click_maps(clicks, shape, 1.5)
+    for d in range(5):
+        expected = (np.exp(-d * d / (2 * 1.5**2)) + np.exp(-d * d / (2 * 3.0**2))) / 2
+        assert maps[0][12, 12, 12 + d] == pytest.approx(expected, abs=0.02)  # MONAI's erf kernel, not exp
+    assert maps[0][12, 12, 12] == pytest.approx(1.0) and maps[0][12, 12, 16] > narrow[0][12, 12, 16] + 0.1
+    np.testing.assert_array_equal(maps[1], narrow[1])
+    for reach in ({"tumour": 3.0}, {"foreground": 0.0}, {"foreground": float("nan")}, {"foreground": "3"}):
+        with pytest.raises(ValueError, match="reach"):
+            check_reach(reach)  # type: ignore[arg-type]
 
 
 def test_click_maps_cover_the_whole_volume_when_balls_do() -> None:

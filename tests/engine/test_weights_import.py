@@ -292,19 +292,22 @@ def test_zero_click_passes_survive_import_export_and_the_bundles_import_command(
     assert not (tmp_path / "unet").exists()
 
 
-def test_click_overlap_survives_import_export_and_the_bundles_import_command(source: Path, tmp_path: Path) -> None:
+def test_click_overlap_and_reach_survive_import_export_and_the_bundles_import_command(
+    source: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "max"
     assert weights("import", source, "--out", out, "--initial", "initial-*.pt", "--refinement", "refinement-*.pt",
-                   *TINY_ARGS, "--click-overlap", "max") == 0
-    assert load_engine(settings_for(out)).checkpoint.click_overlap == "max"
+                   *TINY_ARGS, "--click-overlap", "max", "--click-reach", "foreground=4") == 0
+    assert load_engine(settings_for(out)).checkpoint.click_encoding[1:] == ("max", {"foreground": 4.0})
     bundle = tmp_path / "bundle"
     assert weights("export", out, "--bundle", bundle) == 0
-    assert json.loads((bundle / "configs" / "inference.json").read_text())["click_overlap"] == "max"
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert (config["click_overlap"], config["click_reach_sigma_voxels"]) == ("max", {"foreground": 4.0})
     readme = (bundle / "docs" / "README.md").read_text()
-    assert "the larger is kept instead of their sum" in readme
+    assert "the larger is kept instead of their sum" in readme and "one of sigma 4 voxels" in readme
     back = readme.split("```\n")[-2].strip().replace("BUNDLE", str(bundle)).replace("DIR", str(tmp_path / "back"))
     assert main(shlex.split(back)[1:]) == 0
-    assert load_engine(settings_for(tmp_path / "back")).checkpoint.click_overlap == "max"
+    assert load_engine(settings_for(tmp_path / "back")).checkpoint.click_encoding[1:] == ("max", {"foreground": 4.0})
     with pytest.raises(SystemExit):  # argparse names the choices
         weights("import", source, "--out", tmp_path / "bad", "--initial", "initial-*.pt", "--click-overlap", "mean")
     assert not (tmp_path / "bad").exists()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -79,24 +79,27 @@ def test_zero_click_passes_open_each_refinement_sample_without_clicks(phantom_da
     assert trainer.segmenter(net, 0).checkpoint.zero_click_passes == 2  # validation runs them too
 
 
-def test_training_encodes_clicks_with_the_configured_sigma_and_overlap_and_validates_with_them(
+def test_training_encodes_clicks_with_the_configured_sigma_overlap_and_reach_and_validates_with_them(
     phantom_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = replace(CONFIGS["tiny"], max_train_clicks=3, p_drop=0.0, click_overlap="max", click_sigma_voxels=1.5)
+    config = replace(CONFIGS["tiny"], max_train_clicks=3, p_drop=0.0, click_overlap="max", click_sigma_voxels=1.5,
+                     click_reach_sigma_voxels={"foreground": 3.0})
     case = load_prepared(find_cases(phantom_data)[0], config.grid_shape, config.spacing_mm)
     torch.manual_seed(0)
     trainer = StageTrainer("2s-icr", "refinement", config, CPU, seed=3)
     trainer.use_initial([build_unet(INITIAL_CHANNELS, config.architecture)], [{"train": [case.id], "val": []}])
-    encoded: list[tuple[float, str]] = []
+    encoded: list[tuple[float, str, tuple[tuple[str, float], ...]]] = []
 
-    def recording(clicks: Sequence[Click], shape: Sequence[int], sigma: float, overlap: str = "sum") -> np.ndarray:
-        encoded.append((sigma, overlap))
-        return click_maps(clicks, shape, sigma, overlap)
+    def recording(clicks: Sequence[Click], shape: Sequence[int], sigma: float, overlap: str = "sum",
+                  reach: Mapping[str, float] | None = None) -> np.ndarray:
+        encoded.append((sigma, overlap, tuple(sorted((reach or {}).items()))))
+        return click_maps(clicks, shape, sigma, overlap, reach)
 
     monkeypatch.setattr(training_samples, "click_maps", recording)
     net = build_unet(STAGE_CHANNELS["refinement"], config.architecture)
     with torch.no_grad():
         for closure in trainer.steps(net, 0, [case]):
             closure()
-    assert encoded and set(encoded) == {(1.5, "max")}
-    assert trainer.segmenter(net, 0).checkpoint.click_encoding == (1.5, "max")  # validation encodes as training does
+    assert encoded and set(encoded) == {(1.5, "max", (("foreground", 3.0),))}
+    # validation encodes as training does
+    assert trainer.segmenter(net, 0).checkpoint.click_encoding == (1.5, "max", {"foreground": 3.0})

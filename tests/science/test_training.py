@@ -271,7 +271,7 @@ def test_train_options_set_the_click_loss_and_its_radius() -> None:
             parser.parse_args([*required, "--click-loss-radius", bad])
 
 
-def test_train_option_sets_the_click_sigma_and_refuses_one_not_positive() -> None:
+def test_train_options_set_the_click_sigma_and_reach_and_refuse_bad_values() -> None:
     import argparse
 
     from service.science.training import config_from_arguments, register
@@ -283,6 +283,12 @@ def test_train_option_sets_the_click_sigma_and_refuses_one_not_positive() -> Non
     for bad in ("0", "-1", "nan"):
         with pytest.raises(SystemExit):
             parser.parse_args([*required, "--click-sigma", bad])
+    assert config_from_arguments(parser.parse_args(required)).click_reach_sigma_voxels == {}
+    both = parser.parse_args([*required, "--click-reach", "foreground=3", "--click-reach", "background=2.5"])
+    assert config_from_arguments(both).click_reach_sigma_voxels == {"foreground": 3.0, "background": 2.5}
+    for bad in ("tumour=3", "foreground=0", "foreground", "background=-2", "foreground=nan"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*required, "--click-reach", bad])
 
 
 def test_the_click_loss_adds_the_bce_at_the_click_balls(phantom_data: Path) -> None:
