@@ -17,10 +17,9 @@ A sign may also carry a *reach*: a second, wider sigma (``click_reach_sigma_voxe
 manifest, per sign). Each click of that sign then adds the mean of two Gaussians scaled to
 peak 1, the narrow one (``sigma``) marking the clicked voxel and the wide one the region
 its correction reaches; the min-max scaling follows as before, so a lone click still peaks
-at 1. A single Gaussian of sigma 3 voxels on a 2 mm grid marks a ball about 14 mm across as
-much as the clicked voxel; networks trained on it leave a quarter of background clicks on
-a one-voxel rim unhonoured, and a narrow one alone corrects less of the region
-(``docs/results/interaction-probes.md``).
+at 1. A single Gaussian of sigma 3 voxels on a 2 mm grid marks a ball about 14 mm across
+about as much as the clicked voxel, and a narrow one marks the voxel but not the region
+around it (measured: ``docs/results/interaction-probes.md``, "A click's reach").
 
 :func:`click_maps` computes exactly that without filtering the whole volume: the
 filter of a one-voxel delta is the outer product of MONAI's 1-D kernel, so each click
