@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -17,7 +17,7 @@ from service.bench.stats import BenchError, ratio, summary_ms, timed
 from service.engine.checkpoints import (
     LoadedCheckpoint,
 )
-from service.engine.clicks import click_maps, reference_click_maps
+from service.engine.clicks import ClickEncoding, click_maps, reference_click_maps
 from service.engine.ensemble import Engine
 from service.engine.fastpath import (
     autocast_dtype,
@@ -212,7 +212,7 @@ def bench_engine(
 
 
 def bench_click_maps(
-    clicks: Sequence[Click], shape: Sequence[int], encoding: tuple[float, str, Mapping[str, float]], repeats: int
+    clicks: Sequence[Click], shape: Sequence[int], encoding: ClickEncoding, repeats: int
 ) -> dict[str, Any]:
     """MONAI's whole-volume Gaussian filtering against ball-by-ball click maps (``encoding``: the checkpoint's)."""
     if not clicks:

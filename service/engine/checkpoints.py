@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from monai.networks.nets import UNet
 
-from service.engine.clicks import CLICK_OVERLAPS, DEFAULT_SIGMA_VOXELS, check_reach
+from service.engine.clicks import CLICK_OVERLAPS, DEFAULT_SIGMA_VOXELS, ClickEncoding, check_reach
 from service.engine.networks import (
     INITIAL_CHANNELS,
     INTERACTIVE_CHANNELS,
@@ -96,7 +96,7 @@ class LoadedCheckpoint:
     click_reach_sigma_voxels: Mapping[str, float] = field(default_factory=dict)  # per sign (clicks.click_maps)
 
     @property
-    def click_encoding(self) -> tuple[float, str, Mapping[str, float]]:
+    def click_encoding(self) -> ClickEncoding:
         """The click maps' sigma, overlap and reach: ``click_maps``'s last three arguments."""
         return self.click_sigma_voxels, self.click_overlap, self.click_reach_sigma_voxels
 
@@ -240,9 +240,6 @@ def load_checkpoint(directory: Path | str, *, method: str | tuple[str, ...] | No
                               f"got {overlap!r}")
     if not sigma > 0:  # also refuses nan
         raise CheckpointError(f"{directory / MANIFEST}: click_sigma_voxels must be a number > 0, got {sigma!r}")
-    if not isinstance(reach, dict):
-        raise CheckpointError(f"{directory / MANIFEST}: click_reach_sigma_voxels must map click signs to sigmas, "
-                              f"got {reach!r}")
     try:
         check_reach(reach)
     except ValueError as error:

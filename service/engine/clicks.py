@@ -31,6 +31,7 @@ would; the two agree to 1e-6 (tested), and the benchmark's baseline uses the lat
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -43,6 +44,9 @@ DEFAULT_SIGMA_VOXELS = 3.0
 SIGNS = ("foreground", "background")
 CLICK_OVERLAPS = ("sum", "max")  # how overlapping click balls of one sign combine; "sum" is DeepEdit's
 GAUSSIAN_TRUNCATION = 4.0  # MONAI GaussianFilter's default, in sigmas
+# The click maps' sigma, overlap and reach (per sign): the last three arguments of click_maps, as a
+# checkpoint or a training configuration gives them.
+ClickEncoding = tuple[float, str, Mapping[str, float]]
 
 
 def click_kernel(sigma: float) -> np.ndarray:
@@ -50,15 +54,16 @@ def click_kernel(sigma: float) -> np.ndarray:
     return gaussian_1d(torch.tensor(float(sigma)), truncated=GAUSSIAN_TRUNCATION, approx="erf").numpy()
 
 
-def ball_kernels(sigma: float, reach_sigma: float | None = None) -> list[np.ndarray]:
+@lru_cache(maxsize=16)
+def ball_kernels(sigma: float, reach_sigma: float | None = None) -> tuple[np.ndarray, ...]:
     """The 1-D kernels whose outer products, summed, make one click's ball: MONAI's kernel for ``sigma``
     alone, or with a ``reach_sigma`` both kernels scaled so that each ball peaks at 1/2 (zero-padded to
-    one length)."""
+    one length). Cached: a checkpoint has one or two; callers must not modify them."""
     if reach_sigma is None:
-        return [click_kernel(sigma)]
+        return (click_kernel(sigma),)
     kernels = [click_kernel(s) for s in (sigma, reach_sigma)]
     size = max(k.size for k in kernels)
-    return [np.pad(k / k.max(), (size - k.size) // 2) * 0.5 ** (1 / 3) for k in kernels]
+    return tuple(np.pad(k / k.max(), (size - k.size) // 2) * 0.5 ** (1 / 3) for k in kernels)
 
 
 def _add_ball(signal: np.ndarray, voxel: Sequence[int], kernels: Sequence[np.ndarray], overlap: str) -> None:
@@ -84,8 +89,10 @@ def _check_overlap(overlap: str) -> None:
         raise ValueError(f"click overlap must be one of {', '.join(CLICK_OVERLAPS)}, not {overlap!r}")
 
 
-def check_reach(reach: Mapping[str, float]) -> None:
+def check_reach(reach: object) -> None:
     """ValueError unless ``reach`` maps click signs to sigmas > 0."""
+    if not isinstance(reach, Mapping):
+        raise ValueError(f"a click reach maps click signs to sigmas, got {reach!r}")
     for sign, value in reach.items():
         if sign not in SIGNS:
             raise ValueError(f"a click reach names a sign, one of {', '.join(SIGNS)}, not {sign!r}")

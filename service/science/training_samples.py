@@ -9,7 +9,7 @@ that memory). It also validates a member by the evaluation protocol's simulated 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from service.engine.checkpoints import LoadedCheckpoint
-from service.engine.clicks import click_balls, click_maps
+from service.engine.clicks import ClickEncoding, click_balls, click_maps
 from service.engine.ensemble import Engine
 from service.engine.fastpath import autocast_dtype
 from service.science.augment import augmented_sample, training_transforms
@@ -62,7 +62,7 @@ class StageTrainer:
                              f"not {config.refinement_memory!r}")
 
     @property
-    def encoding(self) -> tuple[float, str, Mapping[str, float]]:
+    def encoding(self) -> ClickEncoding:
         """The click maps' sigma, overlap and reach (``click_maps``'s last three arguments)."""
         return self.config.click_sigma_voxels, self.config.click_overlap, self.config.click_reach_sigma_voxels
 
