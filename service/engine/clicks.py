@@ -58,12 +58,16 @@ def click_kernel(sigma: float) -> np.ndarray:
 def ball_kernels(sigma: float, reach_sigma: float | None = None) -> tuple[np.ndarray, ...]:
     """The 1-D kernels whose outer products, summed, make one click's ball: MONAI's kernel for ``sigma``
     alone, or with a ``reach_sigma`` both kernels scaled so that each ball peaks at 1/2 (zero-padded to
-    one length). Cached: a checkpoint has one or two; callers must not modify them."""
+    one length). Cached (a checkpoint has one or two), so shared by every request: read-only."""
     if reach_sigma is None:
-        return (click_kernel(sigma),)
-    kernels = [click_kernel(s) for s in (sigma, reach_sigma)]
-    size = max(k.size for k in kernels)
-    return tuple(np.pad(k / k.max(), (size - k.size) // 2) * 0.5 ** (1 / 3) for k in kernels)
+        kernels = [click_kernel(sigma)]
+    else:
+        kernels = [click_kernel(s) for s in (sigma, reach_sigma)]
+        size = max(k.size for k in kernels)
+        kernels = [np.pad(k / k.max(), (size - k.size) // 2) * 0.5 ** (1 / 3) for k in kernels]
+    for kernel in kernels:
+        kernel.flags.writeable = False
+    return tuple(kernels)
 
 
 def _add_ball(signal: np.ndarray, voxel: Sequence[int], kernels: Sequence[np.ndarray], overlap: str) -> None:
