@@ -105,5 +105,12 @@ class Guaranteed:
         self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None
     ) -> np.ndarray:
         probability = self.segmenter.refine(images, previous, clicks, new_clicks=new_clicks)
-        probability = honour_clicks(probability, clicks, self.radius_voxels)
-        return confine(probability, previous, new_clicks_of(clicks, new_clicks), clicks, self.spacing_mm)[0]
+        return behind_rules(probability, previous, clicks, new_clicks, self.radius_voxels, self.spacing_mm)
+
+
+def behind_rules(probability: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], new_clicks: int | None,
+                 radius_voxels: float, spacing_mm: float) -> np.ndarray:
+    """A pass's ``probability`` as a session keeps it (the click guarantee, then what a click may change) over
+    the session's ``previous``; ``new_clicks``: how many trailing ``clicks`` the pass is for (None: all)."""
+    probability = honour_clicks(probability, clicks, radius_voxels)
+    return confine(probability, previous, new_clicks_of(clicks, new_clicks), clicks, spacing_mm)[0]

@@ -207,6 +207,7 @@ def config_from_arguments(args: argparse.Namespace) -> TrainConfig:
                                    ("keep_loss_weight", args.keep_loss),
                                    ("local_target_mm", args.local_target),
                                    ("no_op_click_chance", args.no_op_clicks),
+                                   ("memory_behind_rules", args.memory_behind_rules or None),
                                    ("zero_click_passes", args.zero_click_passes),
                                    ("click_overlap", args.click_overlap),
                                    ("click_sigma_voxels", args.click_sigma),
@@ -290,6 +291,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "truth within MM of the clicks and the memory's mask beyond (default 0: the truth everywhere)")
     parser.add_argument("--no-op-clicks", type=float, help="2s-icr: chance that a training click is a no-op click "
                         "(background, far from mask and truth) instead of an error-correcting one (default 0)")
+    parser.add_argument("--memory-behind-rules", action="store_true",
+                        help="2s-icr: each clicked interaction's output passes the service's click rules (the "
+                        "click guarantee, what a click may change) before it becomes the next memory")
     parser.add_argument("--zero-click-passes", type=int_between(0, MAX_ZERO_CLICK_PASSES),
                         help="2s-icr: refinement passes with no clicks that make a session's first mask and memory "
                         f"(0-{MAX_ZERO_CLICK_PASSES}; written into the checkpoint; default 0, the paper's method); each "

@@ -92,6 +92,11 @@ class TrainConfig:
     # mask and the truth) instead of one correcting an error, so the net sees clicks that
     # should change nothing.
     no_op_click_chance: float = 0.0
+    # 2S-ICR refinement: each clicked interaction's output passes the service's click rules
+    # (service.science.methods.Guaranteed: the click guarantee, then what a click may change)
+    # before it becomes the next interaction's memory and the mask the next click corrects,
+    # so the net trains on the memories a session gives it. False: the raw ensemble output.
+    memory_behind_rules: bool = False
     # 2S-ICR: refinement passes with no clicks after the initial ensemble, which make a
     # session's first mask and memory (written into the checkpoint; see
     # service.engine.ensemble.Engine.initial_pass). In training, each refinement sample

@@ -20,10 +20,11 @@ from service.engine.checkpoints import LoadedCheckpoint
 from service.engine.clicks import ClickEncoding, click_balls, click_maps
 from service.engine.ensemble import Engine
 from service.engine.fastpath import autocast_dtype
+from service.engine.guarantee import honour_radius_voxels
 from service.science.augment import augmented_sample, training_transforms
 from service.science.dataset import PreparedCase
 from service.science.evaluation import interaction_curve
-from service.science.methods import ClickGuided, NonInteractive, Segmenter
+from service.science.methods import ClickGuided, Guaranteed, NonInteractive, Segmenter, behind_rules
 from service.science.simulator import body_mask, next_click, no_op_click
 from service.science.training_config import CLICK_FREE_FRACTION, MEMORY_SOURCES, TrainConfig
 from service.store.contract import Click
@@ -146,7 +147,11 @@ class StageTrainer:
             inputs = _tensor(np.concatenate([images, memory[None], maps]), self.device)  # once, for the peers too
             logits = net(inputs)
             outputs = [torch.sigmoid(logits.detach().float())] + [torch.sigmoid(self._infer(p, inputs)) for p in peers]
-            state["previous"] = torch.stack(outputs).mean(dim=0)[0, 0].cpu().numpy()
+            output = torch.stack(outputs).mean(dim=0)[0, 0].cpu().numpy()
+            if self.config.memory_behind_rules and click is not None:
+                spacing = self.config.spacing_mm
+                output = behind_rules(output, state["previous"], clicks, 1, honour_radius_voxels(spacing), spacing)
+            state["previous"] = output
             wanted = target
             if self.config.local_target_mm > 0 and not dropped:
                 near = click_balls(clicks, truth.shape, self.config.local_target_mm / self.config.spacing_mm)
@@ -203,7 +208,11 @@ class StageTrainer:
             zero_click_passes=self.config.zero_click_passes if self.stage == "refinement" else 0,
         )
         if self.stage == "refinement":
-            return Engine(checkpoint, self.device, autocast=self.config.autocast)
+            engine = Engine(checkpoint, self.device, autocast=self.config.autocast)
+            if not self.config.memory_behind_rules:
+                return engine
+            spacing = self.config.spacing_mm
+            return Guaranteed(engine, honour_radius_voxels(spacing), spacing)  # validated as trained
         if self.stage == "initial":
             return NonInteractive(checkpoint, self.device, self.config.autocast)
         return ClickGuided(checkpoint, self.device, self.config.autocast)

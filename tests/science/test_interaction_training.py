@@ -15,6 +15,7 @@ from service.engine.clicks import click_maps
 from service.engine.networks import INITIAL_CHANNELS, build_unet
 from service.science import training_samples
 from service.science.dataset import find_cases, load_prepared
+from service.science.methods import Guaranteed
 from service.science.simulator import NO_OP_MIN_DISTANCE_MM
 from service.science.training_config import CONFIGS
 from service.science.training_samples import StageTrainer
@@ -103,3 +104,37 @@ def test_training_encodes_clicks_with_the_configured_sigma_overlap_and_reach_and
     assert encoded and set(encoded) == {(1.5, "max", (("foreground", 3.0),))}
     # validation encodes as training does
     assert trainer.segmenter(net, 0).checkpoint.click_encoding == (1.5, "max", {"foreground": 3.0})
+
+
+@pytest.mark.parametrize("behind_rules", [True, False])
+def test_memory_behind_the_rules_gives_every_click_so_far_its_label(
+    phantom_data: Path, monkeypatch: pytest.MonkeyPatch, behind_rules: bool
+) -> None:
+    config = replace(CONFIGS["tiny"], max_train_clicks=3, p_drop=0.0, memory_behind_rules=behind_rules)
+    case = load_prepared(find_cases(phantom_data)[0], config.grid_shape, config.spacing_mm)
+    torch.manual_seed(0)
+    initial = build_unet(INITIAL_CHANNELS, config.architecture)
+    net = build_unet(STAGE_CHANNELS["refinement"], config.architecture)
+    encoded: list[list[Click]] = []
+
+    def recording(clicks: Sequence[Click], *args: object, **kwargs: object) -> np.ndarray:
+        encoded.append(list(clicks))
+        return click_maps(clicks, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(training_samples, "click_maps", recording)
+    memories: list[np.ndarray] = []
+    net.register_forward_hook(lambda _module, inputs, _output: memories.append(inputs[0][0, 2].numpy().copy()))
+    closures: list = []
+    seed = 0
+    while len(closures) < 3:  # the first sample (by seed) with three clicked interactions
+        trainer = StageTrainer("2s-icr", "refinement", config, CPU, seed=seed)
+        trainer.use_initial([initial], [{"train": [case.id], "val": []}])
+        closures, seed = trainer.steps(net, 0, [case]), seed + 1
+    with torch.no_grad():
+        for closure in closures:
+            closure()
+    labels = [[memory[c.voxel] == (c.label == "foreground") for c in clicks]
+              for memory, clicks in zip(memories[1:], encoded)]  # each memory holds the clicks before its pass
+    assert all(len(held) == n + 1 for n, held in enumerate(labels))
+    assert all(all(held) for held in labels) == behind_rules  # an untrained net does not give them exactly
+    assert isinstance(trainer.segmenter(net, 0), Guaranteed) == behind_rules  # validated as trained
