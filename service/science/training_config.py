@@ -93,7 +93,7 @@ class TrainConfig:
     # should change nothing.
     no_op_click_chance: float = 0.0
     # 2S-ICR refinement: each clicked interaction's output passes the service's click rules
-    # (service.science.methods.Guaranteed: the click guarantee, then what a click may change)
+    # (service.science.methods.behind_rules: the click guarantee, then what a click may change)
     # before it becomes the next interaction's memory and the mask the next click corrects,
     # so the net trains on the memories a session gives it. False: the raw ensemble output.
     memory_behind_rules: bool = False

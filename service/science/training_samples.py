@@ -124,7 +124,8 @@ class StageTrainer:
         """The checkpoint's zero-click passes, then 1-15 clicked interactions; each is a
         forward/backward on the last output (memory): the member's own, or with ``peers`` the
         mean of the member's and theirs on the same inputs (the ensemble's, whose mask the
-        next click corrects)."""
+        next click corrects); with ``memory_behind_rules`` that output after the service's click
+        rules over the last memory (the real one, also where mask dropout hid it from the net)."""
         first = np.mean([torch.sigmoid(self._infer(member, images))[0, 0].cpu().numpy() for member in initial], axis=0)
         state = {"previous": first.astype(np.float32)}
         click_free = [self.config.zero_click_passes]  # interactions left before the first click
