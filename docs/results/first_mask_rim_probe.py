@@ -24,6 +24,7 @@ from scipy import ndimage
 from service.engine.checkpoints import load_checkpoint
 from service.science.dataset import find_cases, load_prepared
 from service.science.methods import segmenter_for
+from service.science.metrics import dice
 
 
 def rim_errors(mask: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -32,7 +33,7 @@ def rim_errors(mask: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     inner = truth & ~ndimage.binary_erosion(truth)
     false_positive, false_negative = mask & ~truth, truth & ~mask
     return {
-        "dsc": float(2 * (mask & truth).sum() / max(int(mask.sum() + truth.sum()), 1)),
+        "dsc": dice(mask, truth),
         "truth_voxels": int(truth.sum()), "mask_voxels": int(mask.sum()),
         "false_positive": int(false_positive.sum()), "false_positive_outer_rim": int((false_positive & outer).sum()),
         "false_negative": int(false_negative.sum()), "false_negative_inner_rim": int((false_negative & inner).sum()),
