@@ -9,6 +9,10 @@ is added to the probability before it is thresholded and kept as the next memory
 simulated user, click rule, seeds and repetitions as ``icr evaluate`` (so the sessions match
 ``icr evaluate --guarantee on`` case for case until the first such click).
 
+``--protect``: the regions so added stay in the mask through later passes, except where a
+background click cuts them locally (the voxels within 10 mm of it that are nearer to it than to
+every foreground click, as the ``pet-threshold`` baseline cuts a clicked component).
+
     python docs/results/pet_assisted_click_probe.py --weights service/weights/demo --data DIR \
         --repetitions 2 --out FILE.json
 """
@@ -24,11 +28,11 @@ import numpy as np
 import torch
 
 from service.engine.checkpoints import load_checkpoint
-from service.engine.guarantee import honour_radius_voxels
+from service.engine.guarantee import honour_clicks, honour_radius_voxels
 from service.science.dataset import PreparedCase, load_prepared
 from service.science.evaluation import cases_to_evaluate, interaction_curve, repetition_rng
 from service.science.methods import Guaranteed, behind_rules, segmenter_for
-from service.science.pet_threshold import SUV_CHANNEL, PetThreshold, with_suv
+from service.science.pet_threshold import CUT_RADIUS_MM, SUV_CHANNEL, PetThreshold, with_suv
 from service.store.contract import Click
 
 
@@ -36,16 +40,37 @@ class PetAssisted(Guaranteed):
     """Behind the click rules, and a new foreground click the networks leave out adds its PET region."""
 
     suv: np.ndarray  # the case's SUV on the working grid, set per case
+    protect = False
+    added: np.ndarray  # --protect: the regions added so far in this session
 
     def refine(
         self, images: np.ndarray, previous: np.ndarray, clicks: Sequence[Click], *, new_clicks: int | None = None
     ) -> np.ndarray:
+        if len(clicks) == 1:  # a new session
+            self.added = np.zeros(previous.shape, dtype=bool)
         raw = self.segmenter.refine(images, previous, clicks, new_clicks=new_clicks)
         newest = clicks[-1]
         if newest.label == "foreground" and raw[newest.voxel] < 0.5:
             region, _ = PetThreshold(self.spacing_mm).region(self.suv, newest.voxel)
             raw = np.maximum(raw, region.astype(np.float32))
-        return behind_rules(raw, previous, clicks, new_clicks, self.radius_voxels, self.spacing_mm)
+            self.added |= region
+        kept = behind_rules(raw, previous, clicks, new_clicks, self.radius_voxels, self.spacing_mm)
+        if not self.protect or not self.added.any():
+            return kept
+        protected = self.added & ~self._cuts(clicks)
+        return honour_clicks(np.maximum(kept, protected.astype(np.float32)), clicks, self.radius_voxels)
+
+    def _cuts(self, clicks: Sequence[Click]) -> np.ndarray:
+        """Voxels within 10 mm of a background click and nearer to it than to every foreground click."""
+        grid = np.indices(self.added.shape).reshape(3, -1).T
+        fg = [np.asarray(c.voxel) for c in clicks if c.label == "foreground"]
+        to_fg = np.min([np.linalg.norm(grid - v, axis=1) for v in fg], axis=0) if fg else np.inf
+        cut = np.zeros(grid.shape[0], dtype=bool)
+        for click in clicks:
+            if click.label == "background":
+                to_click = np.linalg.norm(grid - np.asarray(click.voxel), axis=1)
+                cut |= (to_click <= CUT_RADIUS_MM / self.spacing_mm) & (to_click < to_fg)
+        return cut.reshape(self.added.shape)
 
 
 def main() -> None:
@@ -55,12 +80,14 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=2)
     parser.add_argument("--max-clicks", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--protect", action="store_true", help="keep the added regions through later passes")
     args = parser.parse_args()
     torch.set_num_threads(1)
     checkpoint = load_checkpoint(args.weights, method=None)
     spacing = checkpoint.spacing_mm
     segmenter = PetAssisted(segmenter_for(checkpoint, torch.device("cpu"), refine_window=None, refine_margin=16,
                                           autocast="off"), honour_radius_voxels(spacing), spacing)
+    segmenter.protect = args.protect
     cases = []
     for case_index, case in enumerate(cases_to_evaluate(args.data)):
         prepared: PreparedCase = load_prepared(case, checkpoint.grid_shape, spacing)
@@ -73,8 +100,8 @@ def main() -> None:
         print(case.id, " ".join(f"{value:.3f}" for value in dsc), flush=True)
     mean = np.mean([case["dsc"] for case in cases], axis=0)
     args.out.write_text(json.dumps({"weights": checkpoint.digest, "data": str(args.data),
-                                    "repetitions": args.repetitions, "mean_dsc": mean.tolist(), "cases": cases},
-                                   indent=1) + "\n")
+                                    "repetitions": args.repetitions, "protect": args.protect,
+                                    "mean_dsc": mean.tolist(), "cases": cases}, indent=1) + "\n")
     print("mean", " ".join(f"{value:.3f}" for value in mean))
 
 
