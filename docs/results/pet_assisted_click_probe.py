@@ -12,6 +12,8 @@ simulated user, click rule, seeds and repetitions as ``icr evaluate`` (so the se
 ``--protect``: the regions so added stay in the mask through later passes, except where a
 background click cuts them locally (the voxels within 10 mm of it that are nearer to it than to
 every foreground click, as the ``pet-threshold`` baseline cuts a clicked component).
+``--every-click``: every foreground click adds its region, wherever the networks put it (with
+``--protect`` the added regions are then a function of the clicks alone, no session history).
 
     python docs/results/pet_assisted_click_probe.py --weights service/weights/demo --data DIR \
         --repetitions 2 --out FILE.json
@@ -41,6 +43,7 @@ class PetAssisted(Guaranteed):
 
     suv: np.ndarray  # the case's SUV on the working grid, set per case
     protect = False
+    every_click = False
     added: np.ndarray  # --protect: the regions added so far in this session
 
     def refine(
@@ -50,7 +53,7 @@ class PetAssisted(Guaranteed):
             self.added = np.zeros(previous.shape, dtype=bool)
         raw = self.segmenter.refine(images, previous, clicks, new_clicks=new_clicks)
         newest = clicks[-1]
-        if newest.label == "foreground" and raw[newest.voxel] < 0.5:
+        if newest.label == "foreground" and (self.every_click or raw[newest.voxel] < 0.5):
             region, _ = PetThreshold(self.spacing_mm).region(self.suv, newest.voxel)
             raw = np.maximum(raw, region.astype(np.float32))
             self.added |= region
@@ -81,13 +84,14 @@ def main() -> None:
     parser.add_argument("--max-clicks", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--protect", action="store_true", help="keep the added regions through later passes")
+    parser.add_argument("--every-click", action="store_true", help="every foreground click adds its region")
     args = parser.parse_args()
     torch.set_num_threads(1)
     checkpoint = load_checkpoint(args.weights, method=None)
     spacing = checkpoint.spacing_mm
     segmenter = PetAssisted(segmenter_for(checkpoint, torch.device("cpu"), refine_window=None, refine_margin=16,
                                           autocast="off"), honour_radius_voxels(spacing), spacing)
-    segmenter.protect = args.protect
+    segmenter.protect, segmenter.every_click = args.protect, args.every_click
     cases = []
     for case_index, case in enumerate(cases_to_evaluate(args.data)):
         prepared: PreparedCase = load_prepared(case, checkpoint.grid_shape, spacing)
@@ -100,7 +104,7 @@ def main() -> None:
         print(case.id, " ".join(f"{value:.3f}" for value in dsc), flush=True)
     mean = np.mean([case["dsc"] for case in cases], axis=0)
     args.out.write_text(json.dumps({"weights": checkpoint.digest, "data": str(args.data),
-                                    "repetitions": args.repetitions, "protect": args.protect,
+                                    "repetitions": args.repetitions, "protect": args.protect, "every_click": args.every_click,
                                     "mean_dsc": mean.tolist(), "cases": cases}, indent=1) + "\n")
     print("mean", " ".join(f"{value:.3f}" for value in mean))
 
