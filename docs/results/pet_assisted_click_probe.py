@@ -34,7 +34,7 @@ from service.engine.guarantee import honour_clicks, honour_radius_voxels
 from service.science.dataset import PreparedCase, load_prepared
 from service.science.evaluation import cases_to_evaluate, interaction_curve, repetition_rng
 from service.science.methods import Guaranteed, behind_rules, segmenter_for
-from service.science.pet_threshold import CUT_RADIUS_MM, SUV_CHANNEL, PetThreshold, with_suv
+from service.science.pet_threshold import SUV_CHANNEL, PetThreshold, with_suv
 from service.store.contract import Click
 
 
@@ -52,28 +52,21 @@ class PetAssisted(Guaranteed):
         if len(clicks) == 1:  # a new session
             self.added = np.zeros(previous.shape, dtype=bool)
         raw = self.segmenter.refine(images, previous, clicks, new_clicks=new_clicks)
+        baseline = PetThreshold(self.spacing_mm)
         newest = clicks[-1]
         if newest.label == "foreground" and (self.every_click or raw[newest.voxel] < 0.5):
-            region, _ = PetThreshold(self.spacing_mm).region(self.suv, newest.voxel)
+            region, _ = baseline.region(self.suv, newest.voxel)
             raw = np.maximum(raw, region.astype(np.float32))
             self.added |= region
         kept = behind_rules(raw, previous, clicks, new_clicks, self.radius_voxels, self.spacing_mm)
         if not self.protect or not self.added.any():
             return kept
-        protected = self.added & ~self._cuts(clicks)
-        return honour_clicks(np.maximum(kept, protected.astype(np.float32)), clicks, self.radius_voxels)
-
-    def _cuts(self, clicks: Sequence[Click]) -> np.ndarray:
-        """Voxels within 10 mm of a background click and nearer to it than to every foreground click."""
-        grid = np.indices(self.added.shape).reshape(3, -1).T
-        fg = [np.asarray(c.voxel) for c in clicks if c.label == "foreground"]
-        to_fg = np.min([np.linalg.norm(grid - v, axis=1) for v in fg], axis=0) if fg else np.inf
-        cut = np.zeros(grid.shape[0], dtype=bool)
-        for click in clicks:
+        protected = self.added.copy()
+        foreground = [click.voxel for click in clicks if click.label == "foreground"]
+        for click in clicks:  # the baseline's local cut of a clicked component, at each background click
             if click.label == "background":
-                to_click = np.linalg.norm(grid - np.asarray(click.voxel), axis=1)
-                cut |= (to_click <= CUT_RADIUS_MM / self.spacing_mm) & (to_click < to_fg)
-        return cut.reshape(self.added.shape)
+                baseline._cut(protected, click, self.added, foreground, protected=True)
+        return honour_clicks(np.maximum(kept, protected.astype(np.float32)), clicks, self.radius_voxels)
 
 
 def main() -> None:
@@ -104,7 +97,8 @@ def main() -> None:
         print(case.id, " ".join(f"{value:.3f}" for value in dsc), flush=True)
     mean = np.mean([case["dsc"] for case in cases], axis=0)
     args.out.write_text(json.dumps({"weights": checkpoint.digest, "data": str(args.data),
-                                    "repetitions": args.repetitions, "protect": args.protect, "every_click": args.every_click,
+                                    "repetitions": args.repetitions, "protect": args.protect,
+                                    "every_click": args.every_click,
                                     "mean_dsc": mean.tolist(), "cases": cases}, indent=1) + "\n")
     print("mean", " ".join(f"{value:.3f}" for value in mean))
 
